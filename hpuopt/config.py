@@ -1,0 +1,161 @@
+"""The one typed, frozen configuration of hpuopt.
+
+A :class:`Config` is built once per compilation by :meth:`Config.from_options`, from the
+``options={...}`` given to ``torch.compile`` (or the keyword arguments of :func:`hpuopt.compile`)
+layered over ``HPUOPT_*`` environment variables. This module is the only place that reads the
+environment; passes and runtimes receive the frozen object and never look anywhere else.
+
+Every field is documented below; ``docs/user_guide.md`` lists them and a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from hpuopt.errors import ConfigError
+
+ENV_PREFIX = "HPUOPT_"
+
+RuntimeName = Literal["auto", "cpu", "cuda", "hpu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Options of the ``hpugraph`` backend.
+
+    Attributes:
+        runtime: Which runtime captures the static pieces: ``"auto"`` picks it from the device of
+            the graph's tensors (``cuda`` → CUDA Graphs, ``hpu`` → HPU Graphs, otherwise the CPU
+            runtime, which emulates device-graph semantics).
+        capture: Capture static pieces at all. ``False`` runs every piece as is (useful to
+            bisect a wrong result to capture versus splitting).
+        max_graphs: Captured graphs kept per piece (least recently used are evicted).
+        warmup_runs: Eager runs of a piece before it is captured (lazy initialisation, autotuning
+            and allocator warm-up happen outside the graph).
+        strict: Raise :class:`hpuopt.errors.FallbackError` instead of running a piece uncaptured.
+        clone_outputs: Clone captured outputs that escape to the caller so a later replay cannot
+            change them. ``False`` returns the graph's own buffers (faster; a later replay
+            overwrites them).
+        check_capture: While capturing on the CPU runtime, reject ops a device graph cannot hold
+            (host reads, data-dependent shapes), so such bugs show up without a device.
+        dynamic_ops: Extra op names to treat as dynamic (split out, never captured), e.g.
+            ``"aten.nonzero"`` or ``"mylib::my_op"``; an overload (``"aten.add.Tensor"``) or a
+            packet (``"aten.add"``) both work.
+        disable_passes: Names of passes to skip (see ``hpuopt.passes.registry``).
+        debug: Lint the graph and check hpuopt's invariants after every pass.
+        dump_dir: Directory to write each graph's code before and after every pass; ``None``
+            writes nothing.
+    """
+
+    runtime: RuntimeName = "auto"
+    capture: bool = True
+    max_graphs: int = 64
+    warmup_runs: int = 1
+    strict: bool = False
+    clone_outputs: bool = True
+    check_capture: bool = True
+    dynamic_ops: tuple[str, ...] = ()
+    disable_passes: tuple[str, ...] = ()
+    debug: bool = False
+    dump_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime not in typing.get_args(RuntimeName):
+            raise ConfigError(
+                f"runtime={self.runtime!r} is not one of {list(typing.get_args(RuntimeName))}"
+            )
+        if self.max_graphs < 1:
+            raise ConfigError(f"max_graphs must be at least 1, got {self.max_graphs}")
+        if self.warmup_runs < 0:
+            raise ConfigError(f"warmup_runs must be at least 0, got {self.warmup_runs}")
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(
+        cls,
+        options: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Config:
+        """Builds the config: defaults, then ``HPUOPT_*`` variables, then ``options``.
+
+        An unknown option or variable is a :class:`ConfigError` that lists the valid names.
+        """
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        valid = cls.field_names()
+        values: dict[str, Any] = {}
+        for key, raw in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in valid:
+                raise ConfigError(
+                    f"unknown environment variable {key}; valid ones are "
+                    + ", ".join(ENV_PREFIX + n.upper() for n in valid)
+                )
+            values[name] = _parse_env(key, raw, hints[name])
+        for name, value in (options or {}).items():
+            if name not in valid:
+                raise ConfigError(
+                    f"unknown hpugraph option {name!r}; valid options are {', '.join(valid)}"
+                )
+            values[name] = _coerce(name, value, hints[name])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        return Config.from_options({**dataclasses.asdict(self), **changes}, environ={})
+
+    def pass_enabled(self, name: str) -> bool:
+        return name not in self.disable_passes
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Checks an ``options=`` value against the field's type; accepts a list for a tuple."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {name!r} must be a bool, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"option {name!r} must be an int, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise ConfigError(f"option {name!r} must be a list of strings, got {value!r}")
+        items = tuple(value)
+        if not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"option {name!r} must hold strings only, got {value!r}")
+        return items
+    # str, Optional[str] and Literal fields
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"option {name!r} must be a string, got {value!r}")
+    return value
+
+
+def _parse_env(key: str, raw: str, hint: Any) -> Any:
+    text = raw.strip()
+    if hint is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{key}={raw!r} is not a boolean (use 1/0, true/false)")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is not an integer") from None
+    if typing.get_origin(hint) is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text or None
