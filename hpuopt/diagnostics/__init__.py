@@ -1,0 +1,1 @@
+"""Counters, explain reports and graph dumps."""

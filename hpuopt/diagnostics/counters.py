@@ -1,0 +1,68 @@
+"""Process-wide counters with a delta assertion for tests.
+
+``hpuopt.counters`` counts what every compiled graph did. Tests turn "it captured once" into one
+line::
+
+    with hpuopt.counters.expect(graphs_captured=1, replays=2):
+        model(x); model(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+
+@dataclasses.dataclass
+class Counters:
+    """Running totals. Fields are plain numbers; ``snapshot()`` copies them."""
+
+    dynamo_graphs: int = 0
+    """Graphs Dynamo handed to the backend."""
+    aot_graphs: int = 0
+    """Forward, backward and inference graphs compiled."""
+    pieces_static: int = 0
+    pieces_dynamic: int = 0
+    graphs_captured: int = 0
+    replays: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    evictions: int = 0
+    recaptures: int = 0
+    """Captures redone because a stable input (parameter, buffer) changed address."""
+    fallbacks: int = 0
+    """Keys whose capture failed, so the piece runs uncaptured for them."""
+    uncaptured_runs: int = 0
+    """Runs of a static piece without a graph (fallbacks, ``capture=False``)."""
+    capture_seconds: float = 0.0
+
+    def snapshot(self) -> Counters:
+        return dataclasses.replace(self)
+
+    def reset(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))())
+
+    def delta(self, since: Counters) -> dict[str, float]:
+        return {
+            f.name: getattr(self, f.name) - getattr(since, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    @contextlib.contextmanager
+    def expect(self, **expected: float) -> Iterator[None]:
+        """Asserts that the block changes each named counter by exactly the given amount."""
+        unknown = set(expected) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise AttributeError(f"unknown counters {sorted(unknown)}")
+        before = self.snapshot()
+        yield
+        got = self.delta(before)
+        wrong = {k: (v, got[k]) for k, v in expected.items() if got[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k}: expected +{e}, got +{g}" for k, (e, g) in wrong.items())
+            raise AssertionError(f"counter deltas differ: {detail}")
+
+
+counters = Counters()

@@ -1,0 +1,201 @@
+"""What hpuopt did to each graph, as data and as text.
+
+Every Dynamo graph the backend compiles gets a :class:`GraphRecord` in a :class:`Session`; each
+of its ATen graphs (forward, backward, inference) lists its pieces with the live state of their
+graph caches. :func:`explain` turns a session into an :class:`ExplainReport` — dataclasses all the
+way down, with ``str(report)`` for people.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+from hpuopt.diagnostics.counters import Counters, counters
+from hpuopt.passes.split import PieceInfo, SplitReason
+
+
+@dataclasses.dataclass
+class PieceRecord:
+    info: PieceInfo
+    runner: Any = None  # the PieceRunner of a static piece, None for a dynamic one
+
+
+@dataclasses.dataclass
+class AotGraphRecord:
+    kind: str  # "forward" | "backward" | "inference"
+    runtime: str
+    pieces: list[PieceRecord]
+    passes: dict[str, bool] = dataclasses.field(default_factory=dict)
+    """Pass name -> whether it modified the graph."""
+    findings: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    index: int
+    num_nodes: int
+    aot_graphs: list[AotGraphRecord] = dataclasses.field(default_factory=list)
+    pre_aot: dict[str, bool] = dataclasses.field(default_factory=dict)
+    findings: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+
+class Session:
+    """The records of one compiled model (``hpuopt.compile``) or of the process (plain
+    ``torch.compile(backend="hpugraph")``)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[GraphRecord] = []
+        self._lock = threading.Lock()
+
+    def new_graph(self, num_nodes: int) -> GraphRecord:
+        with self._lock:
+            record = GraphRecord(index=len(self.graphs), num_nodes=num_nodes)
+            self.graphs.append(record)
+            return record
+
+    def clear(self) -> None:
+        """Drops the records and every captured graph they hold."""
+        for g in self.graphs:
+            for a in g.aot_graphs:
+                for p in a.pieces:
+                    if p.runner is not None:
+                        p.runner.clear()
+        self.graphs.clear()
+
+
+default_session = Session()
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceReport:
+    name: str
+    captured: bool
+    """Static piece (captured per signature) or dynamic piece (runs as is)."""
+    num_nodes: int
+    ops: tuple[str, ...]
+    reasons: tuple[SplitReason, ...]
+    graphs: tuple[str, ...] = ()
+    """The cached signatures, most recently used last."""
+    fallbacks: tuple[str, ...] = ()
+    replays: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    held_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AotGraphReport:
+    kind: str
+    runtime: str
+    pieces: tuple[PieceReport, ...]
+    passes: dict[str, bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphReport:
+    index: int
+    num_nodes: int
+    aot_graphs: tuple[AotGraphReport, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainReport:
+    graphs: tuple[GraphReport, ...]
+    counters: Counters
+
+    @property
+    def pieces(self) -> list[PieceReport]:
+        return [p for g in self.graphs for a in g.aot_graphs for p in a.pieces]
+
+    @property
+    def splits(self) -> list[SplitReason]:
+        return [r for p in self.pieces for r in p.reasons]
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def explain(session: Session | None = None) -> ExplainReport:
+    """The report of ``session`` (the process-wide one by default)."""
+    session = default_session if session is None else session
+    graphs = []
+    for g in session.graphs:
+        aots = []
+        for a in g.aot_graphs:
+            pieces = tuple(_piece_report(p) for p in a.pieces)
+            aots.append(AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes)))
+        graphs.append(GraphReport(g.index, g.num_nodes, tuple(aots)))
+    return ExplainReport(tuple(graphs), counters.snapshot())
+
+
+def _piece_report(p: PieceRecord) -> PieceReport:
+    r = p.runner
+    base = dict(
+        name=p.info.name,
+        captured=p.info.static,
+        num_nodes=len(p.info.nodes),
+        ops=p.info.ops,
+        reasons=p.info.reasons,
+    )
+    if r is None:
+        return PieceReport(**base)
+    return PieceReport(
+        **base,
+        graphs=tuple(r.describe_keys()),
+        fallbacks=tuple(r.fallback_reasons.values()),
+        replays=r.replays,
+        hits=r.hits,
+        misses=r.misses,
+        evictions=r.evictions,
+        held_bytes=r.held_bytes(),
+    )
+
+
+def render(report: ExplainReport) -> str:
+    lines = [f"hpuopt: {len(report.graphs)} Dynamo graph(s)"]
+    for g in report.graphs:
+        lines.append(f"graph {g.index}: {g.num_nodes} nodes")
+        for a in g.aot_graphs:
+            static = sum(p.captured for p in a.pieces)
+            lines.append(
+                f"  {a.kind} ({a.runtime} runtime): {len(a.pieces)} piece(s), "
+                f"{static} captured, {len(a.pieces) - static} run as is"
+            )
+            for p in a.pieces:
+                if p.captured:
+                    lines.append(
+                        f"    [graph] {p.name}: {p.num_nodes} ops; {len(p.graphs)} graph(s) "
+                        f"{', '.join(p.graphs) or '-'}; replays {p.replays}, hits {p.hits}, "
+                        f"misses {p.misses}, evictions {p.evictions}, {_bytes(p.held_bytes)}"
+                    )
+                    for reason in dict.fromkeys(p.fallbacks):
+                        lines.append(f"        runs uncaptured for some inputs: {reason}")
+                else:
+                    lines.append(f"    [as is] {p.name}: {', '.join(_short(o) for o in p.ops)}")
+                    for reason in p.reasons:
+                        lines.append(f"        {reason}")
+    c = report.counters
+    lines.append(
+        f"counters: captured {c.graphs_captured}, replays {c.replays}, hits {c.cache_hits}, "
+        f"misses {c.cache_misses}, evictions {c.evictions}, recaptures {c.recaptures}, "
+        f"fallbacks {c.fallbacks}, capture {c.capture_seconds:.3f}s"
+    )
+    return "\n".join(lines)
+
+
+def _short(op: str) -> str:
+    return op.replace("aten.", "").replace(".default", "")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover

@@ -1,0 +1,362 @@
+"""Split an ATen graph at the ops a device graph cannot hold.
+
+What it finds
+    Every node is classified from its metadata, not from op names alone:
+
+    ============================  ===========================================================
+    reason                        how it is recognised
+    ============================  ===========================================================
+    ``data_dependent_shape``      the node introduces unbacked symbols
+                                  (``node.meta["unbacked_bindings"]``): ``nonzero``,
+                                  ``masked_select``, ``unique``, boolean indexing...
+    ``host_read``                 the value is read back to the host: ``_local_scalar_dense``
+                                  (``.item()``, ``tolist``), ``is_nonzero``, ``equal``
+    ``device_copy``               its tensor output lives on another device than its tensor
+                                  inputs (``_to_copy``, ``copy_`` across devices)
+    ``host_scalar``               scalar work on the host driven by data: a node whose inputs
+                                  carry unbacked symbols and whose output is not a tensor
+                                  (size reads, ``_assert_scalar``), or a node that consumes a
+                                  data-dependent float/bool (its value would be baked into a
+                                  capture)
+    ``host_tensor``               a CPU tensor op inside a graph that runs on an accelerator
+    ``known_uncapturable``        in :data:`UNCAPTURABLE_OPS` or the user's ``dynamic_ops``
+    ============================  ===========================================================
+
+What it changes
+    The graph becomes a stitching graph of ``call_module`` nodes, one per piece (``submod_<k>``)
+    built with ``torch.fx.passes.split_module.split_module(keep_original_order=True)``. Each
+    ``call_module`` node carries ``node.meta["hpuopt.piece"]``, a :class:`PieceInfo` that says
+    whether the piece is static (to be captured) or dynamic (runs as is) and why::
+
+        before                                   after
+        %addmm = aten.addmm(%b, %x, %t)          %submod_0 = call_module[submod_0](%b, %x, %w)
+        %gt = aten.gt(%addmm, 0)                 %getitem = getitem(%submod_0, 0)  ...
+        %nonzero = aten.nonzero(%gt)             %submod_1 = call_module[submod_1](%gt)   # dynamic
+        %index = aten.index(%addmm, [...])       %submod_2 = call_module[submod_2](...)   # static
+        %relu = aten.relu(%index)
+
+What it guarantees
+    * Partitions are convex: each node's partition id is at least that of its inputs, static
+      pieces take even ids and dynamic pieces odd ones, so every edge goes forward and the
+      partition graph is acyclic.
+    * Side effects keep their order: an impure node is a barrier; nothing before it moves after
+      it and nothing after it moves before it.
+    * Symbolic sizes that cross a boundary are passed as SymInt arguments by ``split_module``.
+    * Every split is recorded as a :class:`SplitReason` (node, op, reason, user source line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.passes.split_module import split_module
+
+from hpuopt.config import Config
+from hpuopt.passes.base import GraphPass, PassResult
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+Reason = Literal[
+    "data_dependent_shape",
+    "host_read",
+    "device_copy",
+    "host_scalar",
+    "host_tensor",
+    "known_uncapturable",
+]
+
+# Ops a device graph can never hold, whatever their metadata says. Keyed by overload packet.
+UNCAPTURABLE_OPS: frozenset[Any] = frozenset(
+    {
+        aten._local_scalar_dense,
+        aten.item,
+        aten.is_nonzero,
+        aten.equal,
+        aten.nonzero,
+        aten.nonzero_static,  # static shape, but synchronises on CUDA/HPU
+        aten.masked_select,
+        aten.unique_consecutive,
+        aten._unique,
+        aten._unique2,
+        aten.unique_dim,
+        aten.bincount,
+        aten.histc,
+        aten.repeat_interleave,
+    }
+)
+
+# Impure only in that dead-code elimination must keep them: they touch no memory, so they are
+# not ordering barriers (a host assert on a size would otherwise cut a graph in two).
+_CHECK_OPS = frozenset(
+    {
+        aten._assert_scalar,
+        aten._assert_async,
+        aten.sym_constrain_range,
+        aten.sym_constrain_range_for_size,
+    }
+)
+
+_HOST_READ_OPS = frozenset({aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal})
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitReason:
+    """Why one node was kept out of device graphs."""
+
+    node: str
+    op: str
+    reason: Reason
+    detail: str
+    source: str | None = None
+    """The last frame of the user's source (``file:line in fn: code``), when known."""
+
+    def __str__(self) -> str:
+        where = f"  at {self.source}" if self.source else ""
+        return f"{self.node} ({self.op}): {self.reason}: {self.detail}{where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceInfo:
+    """One piece of a split graph."""
+
+    name: str
+    static: bool
+    nodes: tuple[str, ...]
+    ops: tuple[str, ...]
+    reasons: tuple[SplitReason, ...] = ()
+    """For a dynamic piece, why each of its nodes cannot be captured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPass(GraphPass):
+    """Splits a graph into static pieces (captured) and dynamic pieces (run as is)."""
+
+    name: ClassVar[str] = "split"
+    stage: ClassVar[str] = "post_aot"
+
+    def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
+        extra = _parse_op_names(config.dynamic_ops)
+        reasons = classify(gm, extra_dynamic=extra)
+        assignment = assign_partitions(gm, reasons)
+        split_gm, pieces = build_pieces(gm, assignment, reasons)
+        modified = len(pieces) > 1 or any(not p.static for p in pieces)
+        return PassResult(split_gm, modified, tuple(pieces))
+
+
+# -- classification ---------------------------------------------------------------------------
+
+
+def classify(
+    gm: torch.fx.GraphModule, extra_dynamic: Iterable[Any] = ()
+) -> dict[torch.fx.Node, SplitReason]:
+    """Returns the dynamic nodes of ``gm``, each with its reason. Every other node is static."""
+    extra = set(extra_dynamic)
+    main_device = _main_device(gm)
+    out: dict[torch.fx.Node, SplitReason] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        found = _classify_node(node, extra, main_device)
+        if found is not None:
+            reason, detail = found
+            out[node] = SplitReason(
+                node=node.name,
+                op=_op_name(node.target),
+                reason=reason,
+                detail=detail,
+                source=source_line(node),
+            )
+    return out
+
+
+def _classify_node(
+    node: torch.fx.Node, extra: set[Any], main_device: torch.device | None
+) -> tuple[Reason, str] | None:
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if target in extra or (packet is not None and packet in extra):
+        return "known_uncapturable", "listed in the config's dynamic_ops"
+    if packet in _HOST_READ_OPS:
+        return "host_read", "reads a device value back to the host"
+    if node.meta.get("unbacked_bindings"):
+        syms = ", ".join(sorted(str(s) for s in node.meta["unbacked_bindings"]))
+        return "data_dependent_shape", f"output size or value depends on data ({syms})"
+    if packet in UNCAPTURABLE_OPS:
+        return "known_uncapturable", "op cannot be held by a device graph"
+    val = node.meta.get("val")
+    in_vals = [n.meta.get("val") for n in node.all_input_nodes]
+    if _crosses_devices(val, in_vals):
+        return "device_copy", "moves data between devices"
+    if not _holds_tensor(val) and any(_unbacked(v) for v in in_vals):
+        return "host_scalar", "scalar work on data-dependent values runs on the host"
+    if any(isinstance(v, (torch.SymFloat, torch.SymBool)) and _unbacked(v) for v in in_vals):
+        return "host_scalar", "consumes a data-dependent scalar read from the device"
+    if (
+        main_device is not None
+        and isinstance(val, torch.Tensor)
+        and val.device.type == "cpu"
+        and val.dim() > 0
+    ):
+        return "host_tensor", f"CPU tensor op in a graph that runs on {main_device}"
+    return None
+
+
+def _main_device(gm: torch.fx.GraphModule) -> torch.device | None:
+    """The accelerator the graph runs on, or ``None`` for a CPU-only graph."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.device.type not in ("cpu", "meta"):
+            return val.device
+    return None
+
+
+def _crosses_devices(val: Any, in_vals: list[Any]) -> bool:
+    if not isinstance(val, torch.Tensor):
+        return False
+    devices = {v.device for v in in_vals if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return bool(devices) and val.device not in devices
+
+
+def _holds_tensor(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return True
+    if isinstance(val, (list, tuple)):
+        return any(_holds_tensor(v) for v in val)
+    return False
+
+
+def _unbacked(val: Any) -> bool:
+    try:
+        return bool(free_unbacked_symbols(val))
+    except (TypeError, AttributeError):
+        return False
+
+
+# -- partitioning -----------------------------------------------------------------------------
+
+
+def assign_partitions(
+    gm: torch.fx.GraphModule, dynamic: dict[torch.fx.Node, SplitReason]
+) -> dict[torch.fx.Node, int]:
+    """Gives every compute node a partition id; static ids are even, dynamic ids odd.
+
+    A node's id is the smallest id of its kind not below any of its inputs' ids and not below
+    the last barrier (impure node) before it; an impure node's id is also at least that of
+    every node before it. Ids therefore never decrease along an edge (convexity) and impure
+    nodes stay ordered with everything around them.
+    """
+    part: dict[torch.fx.Node, int] = {}
+    floor = 0  # raised by each impure node: later nodes may not move before it
+    running_max = 0  # the largest id so far, for barriers
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        lo = max([floor] + [part[i] for i in node.all_input_nodes if i in part])
+        impure = has_side_effect(node)
+        if impure:
+            lo = max(lo, running_max)
+        want_odd = node in dynamic
+        if (lo % 2 == 1) != want_odd:
+            lo += 1
+        part[node] = lo
+        running_max = max(running_max, lo)
+        if impure:
+            floor = lo
+    return part
+
+
+def build_pieces(
+    gm: torch.fx.GraphModule,
+    assignment: dict[torch.fx.Node, int],
+    dynamic: dict[torch.fx.Node, SplitReason],
+) -> tuple[torch.fx.GraphModule, list[PieceInfo]]:
+    """Splits ``gm`` by ``assignment`` and tags each ``call_module`` node with its PieceInfo."""
+    ids = sorted(set(assignment.values()))
+    dense = {pid: k for k, pid in enumerate(ids)}
+    members: dict[int, list[torch.fx.Node]] = {k: [] for k in dense.values()}
+    for node, pid in assignment.items():
+        members[dense[pid]].append(node)
+
+    def callback(node: torch.fx.Node) -> int:
+        if node not in assignment:  # get_attr and friends: keep with their first user
+            users = [u for u in node.users if u in assignment]
+            return dense[assignment[users[0]]] if users else 0
+        return dense[assignment[node]]
+
+    split_gm = split_module(gm, gm, callback, keep_original_order=True)
+    pieces: list[PieceInfo] = []
+    for node in split_gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        k = int(node.target.rsplit("_", 1)[1])
+        nodes = members.get(k, [])
+        static = not any(n in dynamic for n in nodes)
+        info = PieceInfo(
+            name=node.target,
+            static=static,
+            nodes=tuple(n.name for n in nodes),
+            ops=tuple(_op_name(n.target) for n in nodes),
+            reasons=tuple(dynamic[n] for n in nodes if n in dynamic),
+        )
+        node.meta["hpuopt.piece"] = info
+        pieces.append(info)
+    log.debug(
+        "split into %d pieces (%d static)", len(pieces), sum(p.static for p in pieces)
+    )
+    return split_gm, pieces
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def has_side_effect(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes memory or acts on the world (a mutation, a mark_step, a print)."""
+    if not node.is_impure():
+        return False
+    return getattr(node.target, "overloadpacket", None) not in _CHECK_OPS
+
+
+def source_line(node: torch.fx.Node) -> str | None:
+    """The innermost user frame of ``node.meta['stack_trace']``, as ``file:line in fn: code``."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            head = lines[i].replace("File ", "", 1).replace('"', "")
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{head}: {code}".strip().rstrip(":")
+    return lines[-1]
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+
+
+def _parse_op_names(names: Iterable[str]) -> set[Any]:
+    """Turns ``"aten.nonzero"``, ``"aten.add.Tensor"`` or ``"ns::op"`` into op objects."""
+    out: set[Any] = set()
+    for name in names:
+        ns, _, rest = name.replace("::", ".", 1).partition(".")
+        parts = rest.split(".")
+        try:
+            obj: Any = getattr(torch.ops, ns)
+            for part in parts:
+                obj = getattr(obj, part)
+        except (AttributeError, RuntimeError):
+            from hpuopt.errors import ConfigError
+
+            raise ConfigError(f"dynamic_ops names an unknown op {name!r}") from None
+        out.add(obj)
+    return out

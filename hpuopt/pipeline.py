@@ -1,0 +1,96 @@
+"""The pass pipeline: one table, in order, with the reason for each position.
+
+``PRE_AOT`` runs once on the torch-level graph Dynamo captured; ``POST_AOT`` runs on every ATen
+graph AOTAutograd produces (forward, backward, inference). Any pass can be disabled by name
+(``Config.disable_passes``). In debug mode the graph is linted after every pass; with
+``dump_dir`` its code is written before and after every pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import torch.fx
+
+from hpuopt.config import Config
+from hpuopt.errors import PassError
+from hpuopt.passes.base import GraphPass, PassResult, Stage
+from hpuopt.passes.split import SplitPass
+
+log = logging.getLogger(__name__)
+
+PRE_AOT: tuple[GraphPass, ...] = ()
+
+POST_AOT: tuple[GraphPass, ...] = (
+    # The split comes first among the ATen passes: every later pass works per piece.
+    SplitPass(),
+)
+
+
+def registry() -> dict[str, GraphPass]:
+    """Every pass of the pipeline by name (the docs' pass reference is checked against it)."""
+    return {p.name: p for p in (*PRE_AOT, *POST_AOT)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    graph_module: torch.fx.GraphModule
+    results: dict[str, PassResult]
+    skipped: tuple[str, ...]
+
+
+def run_pipeline(
+    gm: torch.fx.GraphModule,
+    config: Config,
+    stage: Stage,
+    graph_name: str = "graph",
+    passes: Sequence[GraphPass] | None = None,
+) -> PipelineResult:
+    """Runs the passes of ``stage`` (or the given ``passes``) on ``gm`` in order."""
+    table = passes if passes is not None else (PRE_AOT if stage == "pre_aot" else POST_AOT)
+    results: dict[str, PassResult] = {}
+    skipped: list[str] = []
+    _dump(config, graph_name, 0, "input", gm)
+    for step, p in enumerate(table, start=1):
+        if not config.pass_enabled(p.name):
+            skipped.append(p.name)
+            continue
+        result = p(gm, config)
+        gm = result.graph_module
+        results[p.name] = result
+        log.debug("pass %s on %s: modified=%s", p.name, graph_name, result.modified)
+        if config.debug:
+            check_graph(gm, p.name)
+        _dump(config, graph_name, step, p.name, gm)
+    return PipelineResult(gm, results, tuple(skipped))
+
+
+def check_graph(gm: torch.fx.GraphModule, pass_name: str) -> None:
+    """The invariants every pass keeps (see docs/invariants.md), checked in debug mode."""
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # lint raises plain RuntimeErrors; name the pass that broke it
+        raise PassError(pass_name, f"graph lint failed: {exc}") from exc
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise PassError(pass_name, f"graph has {len(outputs)} output nodes")
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            sub = gm.get_submodule(node.target)
+            if isinstance(sub, torch.fx.GraphModule):
+                check_graph(sub, pass_name)
+
+
+def _dump(config: Config, graph_name: str, step: int, label: str, gm: torch.fx.GraphModule) -> None:
+    if config.dump_dir is None:
+        return
+    os.makedirs(config.dump_dir, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", graph_name)
+    path = os.path.join(config.dump_dir, f"{safe}.{step:02d}.{label}.py")
+    with open(path, "w") as f:
+        f.write(gm.print_readable(print_output=False))
+    log.info("dumped %s", path)

@@ -1,0 +1,88 @@
+"""The runtime protocol: what every platform (CPU, CUDA, HPU) supplies.
+
+A runtime captures a callable on static input buffers and hands back a :class:`CapturedGraph`
+whose ``replay()`` re-runs the captured work reading the same input buffers and writing the same
+output buffers. Everything around that — which inputs to copy, keys, eviction, cloning what
+escapes, fallbacks — lives in :mod:`hpuopt.runtime.cache` and is shared by all platforms.
+
+Nothing outside ``hpuopt/runtime/`` touches ``torch.cuda`` graph APIs or ``habana_frameworks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    """A captured device graph and the buffers it owns.
+
+    ``static_inputs[i]`` is the buffer that replay reads for input ``i``; ``static_outputs`` are
+    the buffers every replay writes. ``nbytes`` counts the memory the capture holds beyond the
+    user's tensors (static input copies, outputs, the graph's private allocations when known).
+    """
+
+    static_inputs: list[Any]
+    static_outputs: list[Any]
+    replay: Callable[[], None]
+    nbytes: int = 0
+    capture_seconds: float = 0.0
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One platform's device-graph primitives."""
+
+    name: str
+
+    def capture(
+        self, fn: Callable[..., Sequence[Any]], static_inputs: list[Any], warmup_runs: int
+    ) -> CapturedGraph:
+        """Warms ``fn`` up on ``static_inputs``, captures it, and returns the captured graph.
+
+        Raises :class:`hpuopt.errors.CaptureError` when ``fn`` cannot be captured.
+        """
+        ...
+
+    def release(self, graph: CapturedGraph) -> None:
+        """Frees what ``graph`` holds (called when the cache evicts it)."""
+        ...
+
+    def mark_step(self) -> None:
+        """Flushes queued work (Gaudi lazy mode); a no-op elsewhere."""
+        ...
+
+    def synchronize(self) -> None:
+        """Waits for the device."""
+        ...
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by captured graphs and their pool, as far as the platform can tell."""
+        ...
+
+
+def tensor_nbytes(values: Sequence[Any]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            storage = v.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
+    return total
+
+
+def empty_like_exact(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor with ``t``'s shape, strides, dtype and device (a dense copy if overlapping)."""
+    if t._is_view() or not t.is_contiguous():
+        try:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        except RuntimeError:
+            pass
+    return torch.empty_like(t)

@@ -1,0 +1,326 @@
+"""The graph cache: one per static piece, mapping an input signature to a captured graph.
+
+Why a cache, and what is in a key
+---------------------------------
+A device graph replays fixed work on fixed buffers: every shape, stride and Python scalar it was
+captured with is baked in. A static piece of a Dynamo graph, however, is called with whatever
+its symbolic inputs happen to be on that call. So each piece keeps a small LRU map from an input
+*signature* to a :class:`CapturedGraph`, bounded by ``Config.max_graphs``.
+
+The signature only holds what can vary: Dynamo's guards already pin the dtype, device and
+(for non-dynamic dimensions) the shape and strides of the graph's inputs, and every value
+computed inside the graph is a pure function of those. What can vary is exactly what
+``node.meta["val"]`` shows as symbolic: SymInt arguments (dynamic sizes, data-dependent sizes)
+and tensors whose sizes or strides hold symbols. :func:`arg_plan` decides this once per piece
+from the placeholders' metadata; the per-call key is then a tuple over those arguments only, and
+a fully static piece has the empty key — one dictionary lookup per call.
+
+Inputs: copied, or stable
+-------------------------
+Replay reads static buffers. Activations are copied into them (``copy_``, one per tensor input).
+Parameters and buffers of the module are *stable*: their storage lives as long as the module and
+its address does not change between calls, so the graph reads them in place with no copy — but
+an address change (``p.data = ...``, ``load_state_dict`` that reallocates, ``model.to``) is
+checked on every call with ``data_ptr()`` and answered by re-capturing: a stale graph would read
+freed or old memory.
+
+Inputs the piece writes to (in-place ops kept by functionalisation) are copied back from their
+static buffer after the replay, so the caller's tensor sees the write. Warm-up runs read clones
+of such inputs, so their side effects happen exactly once, on the real call.
+
+Outputs: what escapes is cloned
+-------------------------------
+Every replay writes the same output buffers. An output that only feeds later captured pieces is
+copied into their static inputs within the same call and needs no clone. An output that escapes
+— returned to AOTAutograd (so to the user, or saved for backward), or handed to a dynamic piece
+— is cloned unless ``clone_outputs=False``, so nothing the user holds changes under them on a
+later call.
+
+Failure
+-------
+A capture that fails (an op a device graph rejects, out of memory) marks that signature as a
+fallback: the piece runs uncaptured for it, the reason is recorded and warned once, and the call
+still returns the right answer. ``strict`` turns it into a :class:`FallbackError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_symbols
+
+from hpuopt.config import Config
+from hpuopt.diagnostics.counters import counters
+from hpuopt.errors import CaptureError, FallbackError
+from hpuopt.runtime.base import CapturedGraph, Runtime, empty_like_exact, tensor_nbytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgPlan:
+    """How a piece treats its positional arguments, decided once from graph metadata."""
+
+    tensor: tuple[int, ...]
+    """Indices of tensor arguments."""
+    copied: tuple[int, ...]
+    """Tensor arguments copied into static buffers each call."""
+    stable: tuple[int, ...]
+    """Tensor arguments read in place (parameters, buffers); their address is checked."""
+    keyed: tuple[int, ...]
+    """Arguments whose shape, strides or value can vary: they form the cache key."""
+    mutated: tuple[int, ...]
+    """Arguments the piece writes to."""
+
+
+def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutated = mutated_inputs(gm)
+    tensor, copied, stable_idx, keyed = [], [], [], []
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            tensor.append(i)
+            (stable_idx if stable[i] else copied).append(i)
+            if _symbolic_tensor(val):
+                keyed.append(i)
+        elif val is None or isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            keyed.append(i)  # unknown or symbolic: let its runtime value into the key
+    return ArgPlan(
+        tensor=tuple(tensor),
+        copied=tuple(copied),
+        stable=tuple(stable_idx),
+        keyed=tuple(keyed),
+        mutated=tuple(sorted(mutated)),
+    )
+
+
+def _symbolic_tensor(val: torch.Tensor) -> bool:
+    try:
+        return bool(free_symbols(val))
+    except (TypeError, AttributeError):  # metadata without a shape env
+        return True
+
+
+def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
+    """Indices of placeholders that some op of ``gm`` writes to (directly or through a view)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    base_of: dict[torch.fx.Node, int] = {n: i for i, n in enumerate(placeholders)}
+    out: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            continue
+        for arg_schema, arg in zip(schema.arguments, node.args):
+            writes = arg_schema.alias_info is not None and arg_schema.alias_info.is_write
+            if writes and isinstance(arg, torch.fx.Node) and arg in base_of:
+                out.add(base_of[arg])
+        if not schema.is_mutable:
+            # views keep pointing at their base, so writes through them count
+            for arg_schema, arg in zip(schema.arguments, node.args):
+                if arg_schema.alias_info is not None and arg in base_of:
+                    base_of[node] = base_of[arg]
+    return out
+
+
+class _Entry:
+    """One captured graph with its per-call load/unload work precomputed."""
+
+    __slots__ = ("graph", "inputs", "outputs", "ptrs", "plan", "escaping")
+
+    def __init__(self, graph: CapturedGraph, plan: ArgPlan, escaping: Sequence[bool]) -> None:
+        self.graph = graph
+        self.inputs = graph.static_inputs
+        self.outputs = graph.static_outputs
+        self.plan = plan
+        self.ptrs = [graph.static_inputs[i].data_ptr() for i in plan.stable]
+        self.escaping = [
+            i for i, (e, o) in enumerate(zip(escaping, self.outputs)) if e and isinstance(o, torch.Tensor)
+        ]
+
+
+class PieceRunner:
+    """Stands in for a static piece of a split graph: looks up, captures, replays.
+
+    ``escaping[i]`` says whether output ``i`` leaves captured code in the same call (see the
+    module docstring); ``stable[i]`` whether argument ``i`` is a parameter or buffer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        gm: torch.fx.GraphModule,
+        runtime: Runtime,
+        config: Config,
+        stable: Sequence[bool],
+        escaping: Sequence[bool],
+    ) -> None:
+        self.name = name
+        self.gm = gm
+        self.runtime = runtime
+        self.config = config
+        self.plan = arg_plan(gm, stable)
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        self.single_output = not isinstance(out_node.args[0], (tuple, list))
+        self.escaping = list(escaping)
+        self.entries: collections.OrderedDict[tuple, _Entry | str] = collections.OrderedDict()
+        self.fallback_reasons: dict[tuple, str] = {}
+        self.replays = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._clone = config.clone_outputs
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(_key_part(args[i]) for i in self.plan.keyed)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._miss(key, args)
+        else:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            counters.cache_hits += 1
+        if isinstance(entry, str):  # this signature falls back to running uncaptured
+            counters.uncaptured_runs += 1
+            return self.gm(*args)
+        for slot, i in enumerate(self.plan.stable):
+            if args[i].data_ptr() != entry.ptrs[slot]:
+                entry = self._recapture(key, args, i)
+                break
+        inputs = entry.inputs
+        for i in self.plan.copied:
+            inputs[i].copy_(args[i])
+        entry.graph.replay()
+        for i in self.plan.mutated:
+            if i in self.plan.copied:
+                args[i].copy_(inputs[i])
+        self.replays += 1
+        counters.replays += 1
+        outs = entry.outputs
+        if self._clone and entry.escaping:
+            outs = list(outs)
+            for i in entry.escaping:
+                outs[i] = outs[i].clone()
+        return outs[0] if self.single_output else tuple(outs)
+
+    # -- misses ---------------------------------------------------------------------------
+
+    def _miss(self, key: tuple, args: Sequence[Any]) -> _Entry | str:
+        self.misses += 1
+        counters.cache_misses += 1
+        entry = self._capture(key, args)
+        self.entries[key] = entry
+        if len(self.entries) > self.config.max_graphs:
+            _, old = self.entries.popitem(last=False)
+            self._release(old)
+            self.evictions += 1
+            counters.evictions += 1
+        return entry
+
+    def _recapture(self, key: tuple, args: Sequence[Any], index: int) -> _Entry:
+        log.info("%s: argument %d changed address; capturing again", self.name, index)
+        counters.recaptures += 1
+        self._release(self.entries.pop(key))
+        entry = self._capture(key, args)
+        self.entries[key] = entry
+        if isinstance(entry, str):  # pragma: no cover - a capture that worked once fails now
+            raise FallbackError(self.name, entry)
+        return entry
+
+    def _capture(self, key: tuple, args: Sequence[Any]) -> _Entry | str:
+        if not self.config.capture:
+            return self._fallback(key, "capture is disabled (capture=False)")
+        plan = self.plan
+        static: list[Any] = list(args)
+        for i in plan.copied:
+            static[i] = _static_copy(args[i])
+        for i in plan.stable:
+            static[i] = args[i].detach()  # the storage as of now, like a recorded address
+        warm = list(static)
+        for i in plan.mutated:
+            warm[i] = static[i].clone()
+        fn = self._flat_fn()
+        start = time.perf_counter()
+        try:
+            graph = self.runtime.capture(fn, static, self.config.warmup_runs, warmup_inputs=warm)
+        except CaptureError as exc:
+            return self._fallback(key, str(exc))
+        except torch.OutOfMemoryError as exc:
+            return self._fallback(key, f"out of memory during capture: {exc}")
+        seconds = time.perf_counter() - start
+        counters.graphs_captured += 1
+        counters.capture_seconds += seconds
+        graph.capture_seconds = seconds
+        graph.nbytes += tensor_nbytes([static[i] for i in plan.copied])
+        log.debug("%s: captured key %s in %.3fs", self.name, key, seconds)
+        return _Entry(graph, plan, self.escaping)
+
+    def _flat_fn(self) -> Callable[..., list[Any]]:
+        gm = self.gm
+        if self.single_output:
+            return lambda *a: [gm(*a)]
+        return lambda *a: list(gm(*a))
+
+    def _fallback(self, key: tuple, reason: str) -> str:
+        if self.config.strict:
+            raise FallbackError(self.name, reason)
+        counters.fallbacks += 1
+        self.fallback_reasons[key] = reason
+        if len(self.fallback_reasons) == 1:
+            warnings.warn(f"hpuopt: {self.name} runs uncaptured: {reason}", stacklevel=3)
+        log.info("%s: signature %s runs uncaptured: %s", self.name, key, reason)
+        return reason
+
+    def _release(self, entry: _Entry | str) -> None:
+        if isinstance(entry, _Entry):
+            self.runtime.release(entry.graph)
+
+    # -- introspection --------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Drops every captured graph of this piece (they are captured again on demand)."""
+        for entry in self.entries.values():
+            self._release(entry)
+        self.entries.clear()
+        self.fallback_reasons.clear()
+
+    def held_bytes(self) -> int:
+        return sum(e.graph.nbytes for e in self.entries.values() if isinstance(e, _Entry))
+
+    def describe_keys(self) -> list[str]:
+        return [_describe_key(k) + (" (uncaptured)" if isinstance(e, str) else "")
+                for k, e in self.entries.items()]
+
+
+def _key_part(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.shape, a.stride())
+    return a
+
+
+def _describe_key(key: tuple) -> str:
+    parts = []
+    for part in key:
+        if isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], torch.Size):
+            parts.append("x".join(map(str, part[0])) or "scalar")
+        else:
+            parts.append(repr(part))
+    return "(" + ", ".join(parts) + ")" if parts else "(static)"
+
+
+def _static_copy(t: torch.Tensor) -> torch.Tensor:
+    buf = empty_like_exact(t)
+    buf.copy_(t)
+    return buf
