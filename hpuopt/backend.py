@@ -26,11 +26,16 @@ from hpuopt.diagnostics.counters import counters
 from hpuopt.diagnostics.explain import AotGraphRecord, GraphRecord, PieceRecord, Session
 from hpuopt.diagnostics.explain import default_session
 from hpuopt.passes.split import PieceInfo, build_pieces
-from hpuopt.pipeline import run_pipeline
+from hpuopt.passes.base import GraphPass
+from hpuopt.pipeline import PipelineResult, run_pipeline
 from hpuopt.runtime import select_runtime
 from hpuopt.runtime.cache import PieceRunner
 
 log = logging.getLogger(__name__)
+
+# Called after each pipeline run with (stage, graph name, graph before, result); used by
+# hpuopt.testing.RecordingBackend.
+Observer = Callable[[str, str, torch.fx.GraphModule, PipelineResult], None]
 
 
 def hpugraph_backend(
@@ -40,19 +45,32 @@ def hpugraph_backend(
     *,
     session: Session | None = None,
     config: Config | None = None,
+    passes: Mapping[str, Sequence[GraphPass]] | None = None,
+    observer: Observer | None = None,
 ) -> Callable[..., Any]:
-    """The backend registered as ``"hpugraph"``: ``torch.compile(m, backend="hpugraph")``."""
+    """The backend registered as ``"hpugraph"``: ``torch.compile(m, backend="hpugraph")``.
+
+    ``passes`` replaces the pipeline of a stage (``{"post_aot": [...]}``) and ``observer`` sees
+    every graph before and after its pipeline: both exist for :mod:`hpuopt.testing`.
+    """
+    passes = passes or {}
     config = config if config is not None else Config.from_options(options)
     session = session if session is not None else default_session
     record = session.new_graph(num_nodes=len(gm.graph.nodes))
     counters.dynamo_graphs += 1
-    pre = run_pipeline(gm, config, "pre_aot", graph_name=f"g{record.index}.dynamo")
+    name = f"g{record.index}.dynamo"
+    before = _snapshot(gm) if observer else gm
+    pre = run_pipeline(gm, config, "pre_aot", graph_name=name, passes=passes.get("pre_aot"))
+    if observer:
+        observer("pre_aot", name, before, pre)
     record.pre_aot = {name: r.modified for name, r in pre.results.items()}
     record.findings = {name: r.findings for name, r in pre.results.items()}
 
     def compiler(kind: str) -> Callable[..., Any]:
         def compile_one(aot_gm: torch.fx.GraphModule, aot_inputs: Sequence[Any]) -> Any:
-            return compile_aot_graph(aot_gm, aot_inputs, config, kind, record)
+            return compile_aot_graph(
+                aot_gm, aot_inputs, config, kind, record, passes.get("post_aot"), observer
+            )
 
         return compile_one
 
@@ -71,11 +89,16 @@ def compile_aot_graph(
     config: Config,
     kind: str,
     record: GraphRecord,
+    passes: Sequence[GraphPass] | None = None,
+    observer: Observer | None = None,
 ) -> Callable[[list[Any]], Any]:
     """Splits one ATen graph, wires a runner into each static piece, returns a boxed callable."""
     counters.aot_graphs += 1
     name = f"g{record.index}.{kind}"
-    result = run_pipeline(gm, config, "post_aot", graph_name=name)
+    before = _snapshot(gm) if observer else gm
+    result = run_pipeline(gm, config, "post_aot", graph_name=name, passes=passes)
+    if observer:
+        observer("post_aot", name, before, result)
     split_gm = result.graph_module
     if "split" not in result.results:  # split disabled: the whole graph is one static piece
         nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
@@ -128,6 +151,13 @@ def compile_aot_graph(
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
+
+
+def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s graph sharing its submodules and parameters (passes rewrite graphs)."""
+    import copy
+
+    return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
 def _static_input_indices(kind: str, num_inputs: int) -> frozenset[int]:

@@ -1,0 +1,42 @@
+# Set-up and the two entry points: `make demo` and `make test`.
+#
+# The virtual environment is created on first use. A torch that is already installed (a GPU
+# machine's CUDA build) is reused through --system-site-packages; otherwise the CPU build is
+# installed, pinned so pip does not pull several GB of CUDA wheels.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_CPU_PIN ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hpuopt-installed
+
+.PHONY: demo test test-all bench env clean
+
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "reusing the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install -q --upgrade pip; \
+		$(PY) -m pip install -q "$(TORCH_CPU_PIN)"; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	HPUOPT_TEST_SLOW=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

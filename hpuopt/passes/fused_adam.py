@@ -1,0 +1,664 @@
+"""Fused Adam / AdamW: one multi-tensor kernel call instead of O(parameters) graph nodes.
+
+What it finds
+-------------
+The body of ``torch.optim.Adam.step`` / ``torch.optim.AdamW.step`` as Dynamo traces it. ``step()``
+graph-breaks before and after the update (``_use_grad_for_differentiable``), so the update is a
+graph of its own; inside it Dynamo always takes the *capturable* code path. Two forms exist:
+
+- ``foreach=False`` (the CPU default) unrolls one block per parameter, ~24 nodes each::
+
+      step_t += 1
+      exp_avg.lerp_(grad, 0.1)
+      mul_ = exp_avg_sq.mul_(0.999); ...; mul_.copy_(prims.fma(grad * grad, 0.001, mul_))
+      step_size_neg = (0.01 / (1 - 0.9 ** step_t)).neg()
+      ...
+      param.addcdiv_(exp_avg, denom)                       <- the anchor
+
+- ``foreach=True`` holds one ``torch._foreach_*`` chain per device/dtype group of a param group,
+  plus O(parameters) ``getitem``/``full_like`` nodes, ending in
+  ``torch._foreach_addcdiv_(params, exp_avgs, denoms)`` (the anchor).
+
+How it matches
+--------------
+Nothing here lists Adam's ops. The reference is torch's own functional ``torch.optim.adam.adam``,
+traced by Dynamo (``capturable=True``, like Dynamo's optimizer tracing) on one tiny parameter:
+
+1. *Sniff* the boolean options around an anchor (weight decay applied how, ``amsgrad``,
+   ``maximize``; each a one-line documented check) to choose a reference.
+2. *Probe*: trace the reference with distinctive probe values (``lr=0.0123``, ...) and match it
+   structurally against the candidate, literals ignored. Probe literals that equal a probe value
+   mark where that hyperparameter sits; the candidate's literal there is its real value.
+3. *Verify*: trace the reference again with the values read and require an exact match, literals
+   included. Per parameter for the unrolled form; for the foreach form, each element's projection
+   of the candidate (list positions ``j``, ``getitem(.., j)`` and what hangs off them) must equal
+   the one-element reference.
+
+Any difference leaves the graph unchanged and records a :class:`RewriteSkipped` with the reason
+and the node (a modified update rule, Tensor betas, complex parameters, no fused kernel for the
+device, an intermediate used outside the update, ...). References are memoised per option set.
+
+What it changes
+---------------
+Each run of consecutive matched blocks sharing hyperparameters, device and dtype becomes::
+
+    _foreach_add_ = torch._foreach_add_([step_0, ..., step_n], 1)
+    _fused_adam_ = torch._fused_adam_([p_0, ...], [g_0, ...], [m_0, ...], [v_0, ...], [],
+                                      [step_0, ...], lr=0.01, beta1=0.9, beta2=0.999,
+                                      weight_decay=0.0, eps=1e-08, amsgrad=False, maximize=False)
+
+(``torch._fused_adamw_`` for decoupled weight decay; ``lr`` stays a graph input when it is a
+Tensor.) The kernel is chosen per device by :func:`fused_adam_kernel`.
+
+What it guarantees
+------------------
+The same state tensors (param, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``step``) are
+updated in place with the same algorithm ``torch.optim.Adam(fused=True)`` runs, so the optimizer's
+``state_dict`` stays loadable by plain ``torch.optim`` and back. Results equal the traced update up
+to kernel rounding (a few ulps). The pass never changes a graph it did not fully verify.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import operator
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx
+
+from hpuopt.config import Config
+from hpuopt.passes.base import GraphPass, PassResult, Stage
+
+log = logging.getLogger(__name__)
+
+Form = Literal["single", "foreach"]
+
+_ROLES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "lr")
+_PER_PARAM_ROLES = _ROLES[:-1]
+
+
+# -- findings ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHyperparams:
+    """The hyperparameters of one matched update, as read from the graph and verified."""
+
+    lr: float | None  # None: a Tensor lr, passed to the kernel as the graph's own input
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    decoupled_weight_decay: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAdamRewrite:
+    """One fused call emitted: how many parameters it updates and which nodes it replaced."""
+
+    node: str  # the new fused node
+    form: Form
+    num_params: int
+    hyperparams: AdamHyperparams
+    replaced_nodes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RewriteSkipped:
+    """An update candidate (anchored at ``node``) left unchanged, and why."""
+
+    reason: str
+    node: str
+
+
+# -- the per-device kernel hook ---------------------------------------------------------------
+
+
+def fused_adam_kernel(device: torch.device, decoupled_weight_decay: bool) -> Callable[..., Any] | None:
+    """The fused multi-tensor Adam(W) op for ``device``, or ``None`` when there is none.
+
+    CPU, CUDA (and the other devices ``torch.optim`` lists as fused-capable) use
+    ``torch._fused_adam_`` / ``torch._fused_adamw_``:
+    ``(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+    weight_decay, eps, amsgrad, maximize, grad_scale=None, found_inf=None) -> ()``; ``lr`` may be
+    a float or a Tensor (the ``tensor_lr`` overload); the op does *not* increment ``state_steps``.
+
+    HPU hook: on Gaudi, Habana's fused AdamW (``habana_frameworks.torch.hpex.optimizers.FusedAdamW``,
+    whose kernel is exposed as a ``torch.ops.hpu`` op) should be returned here, wrapped to the
+    signature above. Nothing imports ``habana_frameworks`` outside ``hpuopt/runtime``; until that
+    wrapper exists HPU gets ``None`` and the pass records why it skipped.
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    if device.type == "hpu":
+        return None
+    if device.type not in _get_fused_kernels_supported_devices():
+        return None
+    return torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+
+
+# -- the pass -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAdamPass(GraphPass):
+    """Rewrites traced ``torch.optim.Adam``/``AdamW`` updates into one fused multi-tensor call."""
+
+    name: ClassVar[str] = "fused_adam"
+    stage: ClassVar[Stage] = "pre_aot"
+
+    def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
+        if not config.pass_enabled(self.name):
+            return PassResult(gm, False, ())
+        calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+        position = {n: i for i, n in enumerate(calls)}
+        findings: list[Any] = []
+        blocks: list[_Block] = []
+        previous_end = -1
+        for anchor in calls:
+            form = _anchor_form(anchor)
+            if form is None:
+                continue
+            region = calls[previous_end + 1 : position[anchor] + 1]
+            outcome = _match_block(gm, anchor, form, region)
+            if isinstance(outcome, str):
+                findings.append(RewriteSkipped(reason=outcome, node=anchor.name))
+                log.debug("fused_adam: skipped %s: %s", anchor.name, outcome)
+            else:
+                blocks.append(outcome)
+                previous_end = position[anchor]
+
+        modified = False
+        for run in _runs(blocks, position):
+            outcome = _rewrite(gm, run)
+            findings.append(outcome)
+            modified |= isinstance(outcome, FusedAdamRewrite)
+        if modified:
+            for node in list(gm.graph.nodes):
+                if node.op == "get_attr" and not node.users:
+                    gm.graph.erase_node(node)
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified, tuple(findings))
+
+
+# -- candidates -----------------------------------------------------------------------------
+
+
+def _anchor_form(node: torch.fx.Node) -> Form | None:
+    """``param.addcdiv_(...)`` on a graph input, or ``_foreach_addcdiv_`` on a list of them."""
+    if node.op == "call_method" and node.target == "addcdiv_" and _is_leaf(node.args[0]):
+        return "single"
+    if (
+        node.op == "call_function"
+        and node.target is torch._foreach_addcdiv_
+        and isinstance(node.args[0], (list, tuple))
+        and all(_is_leaf(a) for a in node.args[0])
+    ):
+        return "foreach"
+    return None
+
+
+def _is_leaf(arg: Any) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg.op in ("placeholder", "get_attr")
+
+
+def _leaf_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
+    if node.op == "get_attr":
+        value = getattr(gm, str(node.target), None)
+    else:
+        value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What selects a reference graph (everything but the float hyperparameter values)."""
+
+    form: Form
+    decoupled_weight_decay: bool
+    has_weight_decay: bool
+    amsgrad: bool
+    maximize: bool
+    tensor_lr: bool
+    dtype: torch.dtype
+    step_dtype: torch.dtype
+    device: str
+
+
+def _sniff(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: list[torch.fx.Node]):
+    """Reads the boolean options from the candidate region; each check is a guess, verified later.
+
+    - weight decay, coupled: ``grad.add(param, alpha=wd)`` (``_foreach_add(grads, params, alpha=)``);
+    - weight decay, decoupled: ``param.mul_(1 - lr * wd)`` (``_foreach_mul_(params, ...)``);
+    - ``amsgrad``: a ``maximum`` op; ``maximize``: a ``neg`` of a graph input (the gradient).
+    """
+    params = anchor.args[0]
+    param_set = set(params) if isinstance(params, (list, tuple)) else {params}
+
+    def first_arg_is_param(node: torch.fx.Node) -> bool:
+        first = node.args[0] if node.args else None
+        if isinstance(first, (list, tuple)):
+            return bool(first) and all(a in param_set for a in first)
+        return first in param_set
+
+    def names(node: torch.fx.Node) -> str:
+        return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+    decoupled = any(names(n) in ("mul_", "_foreach_mul_") and first_arg_is_param(n) for n in region)
+    coupled = any(
+        names(n) in ("add", "_foreach_add") and "alpha" in n.kwargs and not first_arg_is_param(n)
+        and any(a in param_set or (isinstance(a, (list, tuple)) and a and a[0] in param_set)
+                for a in n.args)
+        for n in region
+    )
+    amsgrad = any("maximum" in names(n) for n in region)
+    maximize = any(
+        names(n) in ("neg", "_foreach_neg")
+        and (
+            _is_leaf(n.args[0])
+            or (isinstance(n.args[0], (list, tuple)) and all(_is_leaf(a) for a in n.args[0]))
+        )
+        for n in region
+    )
+    param0 = params[0] if isinstance(params, (list, tuple)) else params
+    value = _leaf_value(gm, param0)
+    if value is None:
+        return "parameter has no example value to build a reference from"
+    if not value.is_floating_point():
+        return f"parameter dtype {value.dtype} is not a floating point type (complex is not fused)"
+    step_dtype = torch.float32
+    for node in region:
+        if node.target is operator.iadd and _is_leaf(node.args[0]):
+            step_value = _leaf_value(gm, node.args[0])
+            step_dtype = step_value.dtype if step_value is not None else step_dtype
+        if node.target is torch._foreach_add_ and _is_leaf(node.args[0][0]):
+            step_value = _leaf_value(gm, node.args[0][0])
+            step_dtype = step_value.dtype if step_value is not None else step_dtype
+    return _Options(
+        form=form,
+        decoupled_weight_decay=decoupled,
+        has_weight_decay=decoupled or coupled,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        tensor_lr=False,
+        dtype=value.dtype,
+        step_dtype=step_dtype,
+        device=value.device.type,
+    )
+
+
+# -- the reference graph --------------------------------------------------------------------
+
+# Distinctive values: a probe literal equal to one of these marks where that value sits.
+_PROBE = {"lr": 0.0123, "beta1": 0.8765, "beta2": 0.98765, "eps": 1.234e-7, "weight_decay": 0.0345}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    """Dynamo's graph of torch's functional Adam over one parameter."""
+
+    gm: torch.fx.GraphModule
+    calls: tuple[torch.fx.Node, ...]
+    roles: dict[torch.fx.Node, str]  # leaf -> role in _ROLES
+    element: dict[torch.fx.Node, int | None]  # call -> 0 if per-element, None if shared
+
+    @property
+    def shared_count(self) -> int:
+        return sum(1 for n in self.calls if self.element[n] is None)
+
+    @property
+    def element_count(self) -> int:
+        return len(self.calls) - self.shared_count
+
+
+def _reference_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, hp):
+    torch.optim.adam.adam(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+        foreach=hp["foreach"], capturable=True, differentiable=False, fused=False,
+        **hp["extra"], amsgrad=hp["amsgrad"], beta1=hp["beta1"], beta2=hp["beta2"], lr=lr,
+        weight_decay=hp["weight_decay"], eps=hp["eps"], maximize=hp["maximize"],
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -> _Reference | str:
+    """Traces the functional Adam for ``options`` and hyperparameter ``values`` (memoised: pure)."""
+    hp = dict(values)
+    extra: dict[str, Any] = {}
+    if "decoupled_weight_decay" in inspect.signature(torch.optim.adam.adam).parameters:
+        extra["decoupled_weight_decay"] = options.decoupled_weight_decay
+    elif options.decoupled_weight_decay:
+        return "this torch has no decoupled_weight_decay in torch.optim.adam.adam"
+    kw = dict(hp, foreach=options.form == "foreach", amsgrad=options.amsgrad,
+              maximize=options.maximize, extra=extra)  # fmt: skip
+    device = torch.device(options.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tensors = {
+            "params": [torch.randn(2, dtype=options.dtype, device=device)],
+            "grads": [torch.randn(2, dtype=options.dtype, device=device)],
+            "exp_avgs": [torch.zeros(2, dtype=options.dtype, device=device)],
+            "exp_avg_sqs": [torch.zeros(2, dtype=options.dtype, device=device)],
+            "max_exp_avg_sqs": [torch.zeros(2, dtype=options.dtype, device=device)]
+            if options.amsgrad else [],
+            "state_steps": [torch.zeros((), dtype=options.step_dtype, device=device)],
+        }  # fmt: skip
+    lr: Any = torch.tensor(hp["lr"], device=device) if options.tensor_lr else hp["lr"]
+    captured: list[tuple[torch.fx.GraphModule, list[Any]]] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    # A fresh code object per trace: Dynamo caches compiled code on the code object, and reusing
+    # one would recompile (and eventually hit the recompile limit) for every new option set.
+    code = _reference_step.__code__.replace()
+    fresh = types.FunctionType(code, _reference_step.__globals__, "_reference_step")
+    try:
+        torch.compile(fresh, backend=capture, fullgraph=True, dynamic=False)(
+            *(tensors[r] for r in _PER_PARAM_ROLES), lr, kw
+        )
+    except Exception as error:  # noqa: BLE001 - Dynamo raises many types; reported as a reason
+        return f"tracing the reference Adam failed: {type(error).__name__}: {error}"
+    if len(captured) != 1:
+        return f"the reference Adam traced into {len(captured)} graphs, expected 1"
+    gm, example_inputs = captured[0]
+    by_id = {id(t): role for role in _PER_PARAM_ROLES for t in tensors[role]}
+    if isinstance(lr, torch.Tensor):
+        by_id[id(lr)] = "lr"
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roles = {}
+    for node, value in zip(placeholders, example_inputs):
+        if id(value) not in by_id:
+            return f"reference input {node.name} is none of the optimizer's tensors"
+        roles[node] = by_id[id(value)]
+    calls = tuple(n for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return _Reference(gm, calls, roles, _elements(calls, set(roles)))
+
+
+def _elements(calls: Sequence[torch.fx.Node], leaves: set[torch.fx.Node]) -> dict[torch.fx.Node, int | None]:
+    """For each call node, the list element it belongs to, or ``None`` if shared by all elements.
+
+    ``getitem(foreach_result, i)`` belongs to element ``i``; a non-foreach node whose node
+    arguments belong to one element belongs to it too (e.g. ``full_like(d_i, ...)``). Foreach ops,
+    which take whole lists, are shared.
+    """
+    element: dict[torch.fx.Node, int | None] = {}
+    for node in calls:
+        if node.op == "call_function" and node.target is operator.getitem:
+            source, index = node.args
+            element[node] = index if isinstance(source, torch.fx.Node) and _is_foreach(source) else None
+            continue
+        if _is_foreach(node):
+            element[node] = None
+            continue
+        found = {element.get(a) for a in node.all_input_nodes if a not in leaves}
+        found.discard(None)
+        element[node] = found.pop() if len(found) == 1 else None
+    return element
+
+
+def _is_foreach(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "").startswith("_foreach_")
+
+
+# -- structural comparison ------------------------------------------------------------------
+
+
+class _Mismatch(Exception):
+    def __init__(self, node: torch.fx.Node, what: str) -> None:
+        super().__init__(f"at {node.name} ({node.format_node()}): {what}")
+
+
+@dataclasses.dataclass
+class _Comparison:
+    """One comparison of reference calls with candidate calls (element ``j`` of a foreach list)."""
+
+    ref: _Reference
+    element: int | None
+    length: int  # list length expected in the candidate (1 for the single form)
+    exact: bool
+    pairs: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    mapping: dict[torch.fx.Node, torch.fx.Node] = dataclasses.field(default_factory=dict)
+    bound: dict[str, torch.fx.Node] = dataclasses.field(default_factory=dict)
+
+    def run(self, candidates: Sequence[torch.fx.Node]) -> None:
+        if len(candidates) != len(self.ref.calls):
+            raise _Mismatch(candidates[-1], f"{len(candidates)} nodes where the reference has "
+                            f"{len(self.ref.calls)}")  # fmt: skip
+        for want, got in zip(self.ref.calls, candidates):
+            if want.op != got.op or want.target != got.target:
+                raise _Mismatch(got, f"expected {want.format_node()}")
+            self.arg(got, want.args, got.args)
+            if set(want.kwargs) != set(got.kwargs):
+                raise _Mismatch(got, f"keyword arguments differ from {want.format_node()}")
+            for key in want.kwargs:
+                self.arg(got, want.kwargs[key], got.kwargs[key])
+            self.mapping[want] = got
+
+    def arg(self, at: torch.fx.Node, want: Any, got: Any) -> None:
+        if isinstance(want, torch.fx.Node):
+            if want in self.ref.roles:
+                self.leaf(at, self.ref.roles[want], got)
+            elif self.mapping.get(want) is not got:
+                raise _Mismatch(at, f"argument {got} is not the reference's {want.name}")
+        elif isinstance(want, (list, tuple)):
+            if not isinstance(got, (list, tuple)):
+                raise _Mismatch(at, f"expected a list, got {got!r}")
+            if self.element is not None and len(want) == 1:
+                if len(got) != self.length:
+                    raise _Mismatch(at, f"list of {len(got)} where {self.length} are updated")
+                self.arg(at, want[0], got[self.element])
+            elif len(want) != len(got):
+                raise _Mismatch(at, f"list of {len(got)}, reference has {len(want)}")
+            else:
+                for w, g in zip(want, got):
+                    self.arg(at, w, g)
+        elif isinstance(want, (bool, int, float)) and not isinstance(want, bool) and type(got) is type(want):
+            if self.exact and want != got:
+                raise _Mismatch(at, f"literal {got!r}, reference has {want!r}")
+            self.pairs.append((want, got))
+        elif type(want) is not type(got) or want != got:
+            raise _Mismatch(at, f"argument {got!r}, reference has {want!r}")
+
+    def leaf(self, at: torch.fx.Node, role: str, got: Any) -> None:
+        if not _is_leaf(got):
+            raise _Mismatch(at, f"{role} is {got!r}, not a graph input")
+        if role in self.bound and self.bound[role] is not got:
+            raise _Mismatch(at, f"two different tensors play {role}")
+        if got in self.bound.values() and self.bound.get(role) is not got:
+            raise _Mismatch(at, f"{got.name} plays two roles")
+        self.bound[role] = got
+
+
+def _read_hyperparams(options: _Options, pairs: list[tuple[Any, Any]]) -> dict[str, float] | str:
+    """The candidate's values where the probe's literals equal a probe value."""
+    values: dict[str, float] = {}
+    wanted = ["beta1", "beta2", "eps"] + ([] if options.tensor_lr else ["lr"])
+    coupled_wd = options.has_weight_decay and not (options.decoupled_weight_decay and not options.tensor_lr)
+    if coupled_wd:
+        wanted.append("weight_decay")
+    for name in wanted:
+        seen = {got for want, got in pairs if want == _PROBE[name]}
+        if len(seen) != 1:
+            return f"cannot read {name} from the graph (found {sorted(seen)!r})"
+        values[name] = float(seen.pop())
+    if not options.has_weight_decay:
+        values["weight_decay"] = 0.0
+    elif not coupled_wd:
+        # AdamW with a float lr folds weight decay into one literal, 1 - lr * wd.
+        folded = 1 - _PROBE["lr"] * _PROBE["weight_decay"]
+        seen = {got for want, got in pairs if want == folded}
+        if len(seen) != 1:
+            return "cannot read AdamW's folded 1 - lr * weight_decay from the graph"
+        target = float(seen.pop())
+        guess = (1 - target) / values["lr"]
+        for _ in range(8):  # the division can be an ulp off; step to the value torch folds exactly
+            if 1 - values["lr"] * guess == target:
+                break
+            guess = math.nextafter(guess, math.inf if 1 - values["lr"] * guess > target else -math.inf)
+        values["weight_decay"] = guess
+    if options.tensor_lr:
+        values["lr"] = _PROBE["lr"]
+    return values
+
+
+# -- matching one candidate -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    anchor: torch.fx.Node
+    form: Form
+    nodes: tuple[torch.fx.Node, ...]
+    tensors: dict[str, list[torch.fx.Node]]  # role -> per-parameter leaves
+    lr: torch.fx.Node | None
+    hyperparams: AdamHyperparams
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _match_block(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: list[torch.fx.Node]):
+    sniffed = _sniff(gm, anchor, form, region)
+    if isinstance(sniffed, str):
+        return sniffed
+    errors = []
+    for options in (sniffed, dataclasses.replace(sniffed, tensor_lr=True)):
+        probe_values = tuple(sorted(_PROBE.items())) if options.has_weight_decay else tuple(
+            sorted((k, v) for k, v in _PROBE.items() if k != "weight_decay"))
+        if not options.has_weight_decay:
+            probe_values = tuple(sorted({**dict(probe_values), "weight_decay": 0.0}.items()))
+        probe = _trace_reference(options, probe_values)
+        if isinstance(probe, str):
+            return probe
+        try:
+            nodes, comparisons = _compare_all(probe, form, anchor, region, exact=False)
+        except _Mismatch as mismatch:
+            errors.append(f"{'tensor' if options.tensor_lr else 'float'} lr: {mismatch}")
+            continue
+        pairs = [p for c in comparisons for p in c.pairs]
+        values = _read_hyperparams(options, pairs)
+        if isinstance(values, str):
+            return values
+        reference = _trace_reference(options, tuple(sorted(values.items())))
+        if isinstance(reference, str):
+            return reference
+        try:
+            nodes, comparisons = _compare_all(reference, form, anchor, region, exact=True)
+        except _Mismatch as mismatch:
+            return f"differs from torch.optim's Adam with {values}: {mismatch}"
+        return _finish_block(gm, anchor, form, nodes, comparisons, options, values)
+    return "does not match torch.optim's Adam update: " + "; ".join(errors)
+
+
+def _compare_all(ref: _Reference, form: Form, anchor: torch.fx.Node, region: list[torch.fx.Node], exact: bool):
+    if form == "single":
+        nodes = region[-len(ref.calls) :]
+        comparison = _Comparison(ref, element=None, length=1, exact=exact)
+        comparison.run(nodes)
+        return tuple(nodes), [comparison]
+    n = len(anchor.args[0])
+    size = ref.shared_count + n * ref.element_count
+    if size > len(region):
+        raise _Mismatch(anchor, f"{len(region)} nodes before the update, {size} expected")
+    nodes = region[-size:]
+    element = _elements(nodes, {a for node in nodes for a in node.all_input_nodes if _is_leaf(a)})
+    comparisons = []
+    for j in range(n):
+        comparison = _Comparison(ref, element=j, length=n, exact=exact)
+        comparison.run([node for node in nodes if element[node] in (None, j)])
+        comparisons.append(comparison)
+    covered = {node for c in comparisons for node in c.mapping.values()}
+    if len(covered) != len(nodes):
+        raise _Mismatch(anchor, f"{len(nodes) - len(covered)} nodes belong to no element's update")
+    return tuple(nodes), comparisons
+
+
+def _finish_block(gm, anchor, form, nodes, comparisons, options: _Options, values) -> _Block | str:
+    tensors: dict[str, list[torch.fx.Node]] = {role: [] for role in _PER_PARAM_ROLES}
+    lrs = set()
+    for comparison in comparisons:
+        for role in _PER_PARAM_ROLES:
+            if role in comparison.bound:
+                tensors[role].append(comparison.bound[role])
+        if "lr" in comparison.bound:
+            lrs.add(comparison.bound["lr"])
+    if len(lrs) > 1:
+        return "the elements of the update read different lr tensors"
+    inside = set(nodes)
+    for node in nodes:
+        outside = [u for u in node.users if u not in inside]
+        if outside:
+            return f"{node.name} is used outside the optimizer update (by {outside[0].name})"
+    value = _leaf_value(gm, tensors["params"][0])
+    hyper = AdamHyperparams(
+        lr=None if options.tensor_lr else values["lr"],
+        beta1=values["beta1"], beta2=values["beta2"], eps=values["eps"],
+        weight_decay=values["weight_decay"], amsgrad=options.amsgrad, maximize=options.maximize,
+        decoupled_weight_decay=options.decoupled_weight_decay,
+    )  # fmt: skip
+    return _Block(anchor, form, nodes, tensors, lrs.pop() if lrs else None, hyper, value.device, value.dtype)
+
+
+# -- rewriting ---------------------------------------------------------------------------------
+
+
+def _runs(blocks: list[_Block], position: dict[torch.fx.Node, int]) -> list[list[_Block]]:
+    """Consecutive blocks (no foreign node between them) that one fused call can update."""
+    runs: list[list[_Block]] = []
+    for block in blocks:
+        if runs:
+            last = runs[-1][-1]
+            same = (last.hyperparams, last.lr, last.device, last.dtype) == (
+                block.hyperparams, block.lr, block.device, block.dtype)  # fmt: skip
+            if same and position[block.nodes[0]] == position[last.nodes[-1]] + 1:
+                runs[-1].append(block)
+                continue
+        runs.append([block])
+    return runs
+
+
+def _rewrite(gm: torch.fx.GraphModule, run: list[_Block]) -> FusedAdamRewrite | RewriteSkipped:
+    first, last = run[0], run[-1]
+    hyper = first.hyperparams
+    kernel = fused_adam_kernel(first.device, hyper.decoupled_weight_decay)
+    if kernel is None:
+        return RewriteSkipped(reason=f"no fused Adam kernel for device {first.device}", node=last.anchor.name)
+    lists = {role: [leaf for block in run for leaf in block.tensors[role]] for role in _PER_PARAM_ROLES}
+    graph = gm.graph
+    with graph.inserting_before(last.anchor):
+        graph.call_function(torch._foreach_add_, (lists["state_steps"], 1))
+        fused = graph.call_function(
+            kernel,
+            tuple(lists[role] for role in _PER_PARAM_ROLES),
+            {
+                "lr": first.lr if hyper.lr is None else hyper.lr,
+                "beta1": hyper.beta1,
+                "beta2": hyper.beta2,
+                "weight_decay": hyper.weight_decay,
+                "eps": hyper.eps,
+                "amsgrad": hyper.amsgrad,
+                "maximize": hyper.maximize,
+            },
+        )
+    replaced = [node for block in run for node in block.nodes]
+    for node in reversed(replaced):
+        graph.erase_node(node)
+    log.debug("fused_adam: %d nodes over %d params -> %s", len(replaced), len(lists["params"]), fused.name)
+    return FusedAdamRewrite(
+        node=fused.name,
+        form=first.form,
+        num_params=len(lists["params"]),
+        hyperparams=hyper,
+        replaced_nodes=len(replaced),
+    )
