@@ -240,8 +240,8 @@ class PieceRunner:
         return entry
 
     def _capture(self, key: tuple, args: Sequence[Any]) -> _Entry | str:
-        if not self.config.capture:
-            return self._fallback(key, "capture is disabled (capture=False)")
+        if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
+            return "capture is disabled (capture=False)"
         plan = self.plan
         static: list[Any] = list(args)
         for i in plan.copied:

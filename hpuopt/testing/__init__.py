@@ -98,7 +98,7 @@ class RecordingBackend:
 
 
 def _op_key(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return str(target)
     return getattr(target, "__name__", str(target))
 
