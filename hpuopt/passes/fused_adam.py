@@ -72,6 +72,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx
+from torch.optim.adam import adam as _functional_adam
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult, Stage
@@ -170,12 +171,12 @@ class FusedAdamPass(GraphPass):
                 continue
             region = calls[previous_end + 1 : position[anchor] + 1]
             outcome = _match_block(gm, anchor, form, region)
+            previous_end = position[anchor]
             if isinstance(outcome, str):
                 findings.append(RewriteSkipped(reason=outcome, node=anchor.name))
                 log.debug("fused_adam: skipped %s: %s", anchor.name, outcome)
             else:
                 blocks.append(outcome)
-                previous_end = position[anchor]
 
         modified = False
         for run in _runs(blocks, position):
@@ -238,7 +239,7 @@ class _Options:
 def _sniff(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: list[torch.fx.Node]):
     """Reads the boolean options from the candidate region; each check is a guess, verified later.
 
-    - weight decay, coupled: ``grad.add(param, alpha=wd)`` (``_foreach_add(grads, params, alpha=)``);
+    - weight decay, coupled: ``grad.add(param, alpha=wd)`` (``_foreach_add[_](grads, params, alpha=)``);
     - weight decay, decoupled: ``param.mul_(1 - lr * wd)`` (``_foreach_mul_(params, ...)``);
     - ``amsgrad``: a ``maximum`` op; ``maximize``: a ``neg`` of a graph input (the gradient).
     """
@@ -255,12 +256,16 @@ def _sniff(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: 
         return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
     decoupled = any(names(n) in ("mul_", "_foreach_mul_") and first_arg_is_param(n) for n in region)
+    def reads_param(arg: Any) -> bool:
+        if isinstance(arg, (list, tuple)):
+            return bool(arg) and isinstance(arg[0], torch.fx.Node) and arg[0] in param_set
+        return isinstance(arg, torch.fx.Node) and arg in param_set
+
     coupled = any(
-        names(n) in ("add", "_foreach_add") and "alpha" in n.kwargs and not first_arg_is_param(n)
-        and any(a in param_set or (isinstance(a, (list, tuple)) and a and a[0] in param_set)
-                for a in n.args)
+        names(n) in ("add", "add_", "_foreach_add", "_foreach_add_") and "alpha" in n.kwargs and not first_arg_is_param(n)
+        and any(reads_param(a) for a in n.args)
         for n in region
-    )
+    )  # fmt: skip
     amsgrad = any("maximum" in names(n) for n in region)
     maximize = any(
         names(n) in ("neg", "_foreach_neg")
@@ -322,7 +327,7 @@ class _Reference:
 
 
 def _reference_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, hp):
-    torch.optim.adam.adam(
+    _functional_adam(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
         foreach=hp["foreach"], capturable=True, differentiable=False, fused=False,
         **hp["extra"], amsgrad=hp["amsgrad"], beta1=hp["beta1"], beta2=hp["beta2"], lr=lr,
@@ -335,7 +340,7 @@ def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -
     """Traces the functional Adam for ``options`` and hyperparameter ``values`` (memoised: pure)."""
     hp = dict(values)
     extra: dict[str, Any] = {}
-    if "decoupled_weight_decay" in inspect.signature(torch.optim.adam.adam).parameters:
+    if "decoupled_weight_decay" in inspect.signature(_functional_adam).parameters:
         extra["decoupled_weight_decay"] = options.decoupled_weight_decay
     elif options.decoupled_weight_decay:
         return "this torch has no decoupled_weight_decay in torch.optim.adam.adam"
@@ -439,7 +444,15 @@ class _Comparison:
         for want, got in zip(self.ref.calls, candidates):
             if want.op != got.op or want.target != got.target:
                 raise _Mismatch(got, f"expected {want.format_node()}")
-            self.arg(got, want.args, got.args)
+            if len(want.args) != len(got.args):
+                raise _Mismatch(got, f"expected {want.format_node()}")
+            args = list(zip(want.args, got.args))  # the argument tuple itself is no list argument
+            if want.target is operator.getitem and self.ref.element[want] == 0 and self.element is not None:
+                if got.args[1] != self.element:  # element 0 of the reference is element j here
+                    raise _Mismatch(got, f"reads element {got.args[1]}, expected {self.element}")
+                args = args[:1]
+            for w, g in args:
+                self.arg(got, w, g)
             if set(want.kwargs) != set(got.kwargs):
                 raise _Mismatch(got, f"keyword arguments differ from {want.format_node()}")
             for key in want.kwargs:
@@ -534,11 +547,8 @@ def _match_block(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, re
         return sniffed
     errors = []
     for options in (sniffed, dataclasses.replace(sniffed, tensor_lr=True)):
-        probe_values = tuple(sorted(_PROBE.items())) if options.has_weight_decay else tuple(
-            sorted((k, v) for k, v in _PROBE.items() if k != "weight_decay"))
-        if not options.has_weight_decay:
-            probe_values = tuple(sorted({**dict(probe_values), "weight_decay": 0.0}.items()))
-        probe = _trace_reference(options, probe_values)
+        probe_values = dict(_PROBE, weight_decay=_PROBE["weight_decay"] if options.has_weight_decay else 0.0)
+        probe = _trace_reference(options, tuple(sorted(probe_values.items())))
         if isinstance(probe, str):
             return probe
         try:

@@ -24,6 +24,9 @@ class CapturedGraph:
     ``static_inputs[i]`` is the buffer that replay reads for input ``i``; ``static_outputs`` are
     the buffers every replay writes. ``nbytes`` counts the memory the capture holds beyond the
     user's tensors (static input copies, outputs, the graph's private allocations when known).
+    ``executed`` says whether capturing also ran the work (HPU Graphs do, CUDA Graphs do not):
+    then the outputs already hold the first call's results and the first replay is skipped, so
+    in-place updates of parameters happen once.
     """
 
     static_inputs: list[Any]
@@ -31,6 +34,7 @@ class CapturedGraph:
     replay: Callable[[], None]
     nbytes: int = 0
     capture_seconds: float = 0.0
+    executed: bool = False
 
 
 @runtime_checkable
@@ -86,3 +90,38 @@ def empty_like_exact(t: torch.Tensor) -> torch.Tensor:
         except RuntimeError:
             pass
     return torch.empty_like(t)
+
+
+_aten = torch.ops.aten
+_HOST_SYNC_OPS = frozenset(
+    {
+        _aten._local_scalar_dense,
+        _aten.item,
+        _aten.is_nonzero,
+        _aten.equal,
+        _aten.nonzero,
+        _aten.masked_select,
+        _aten._unique2,
+        _aten.unique_consecutive,
+        _aten.unique_dim,
+        _aten.bincount,
+        _aten.repeat_interleave,
+    }
+)
+
+
+def host_sync_reason(func: Any, args: Sequence[Any]) -> str | None:
+    """Why running ``func(*args)`` inside a device graph is impossible, or ``None``.
+
+    Used while capturing: an op that reads a device value back to the host, or whose output
+    size depends on data (``index`` with a boolean mask calls ``nonzero`` internally).
+    """
+    packet = func.overloadpacket
+    if packet in _HOST_SYNC_OPS:
+        return f"{func} synchronises with the host"
+    if packet in (_aten.index, _aten._unsafe_index, _aten.index_put, _aten.index_put_):
+        indices = args[1] if len(args) > 1 else ()
+        for t in indices or ():
+            if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8):
+                return f"{func} with a boolean mask has a data-dependent size"
+    return None

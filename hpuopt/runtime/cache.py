@@ -79,6 +79,8 @@ class ArgPlan:
     """Arguments whose shape, strides or value can vary: they form the cache key."""
     mutated: tuple[int, ...]
     """Arguments the piece writes to."""
+    mutated_copied: tuple[int, ...] = ()
+    """Mutated arguments that have a static copy: written back to the caller after a run."""
 
 
 def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
@@ -100,6 +102,7 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
         stable=tuple(stable_idx),
         keyed=tuple(keyed),
         mutated=tuple(sorted(mutated)),
+        mutated_copied=tuple(sorted(mutated & set(copied))),
     )
 
 
@@ -188,6 +191,8 @@ class PieceRunner:
         entry = self.entries.get(key)
         if entry is None:
             entry = self._miss(key, args)
+            if isinstance(entry, _Entry) and entry.graph.executed:
+                return self._finish(entry, args)  # capture ran this call's work already
         else:
             self.entries.move_to_end(key)
             self.hits += 1
@@ -198,16 +203,22 @@ class PieceRunner:
         for slot, i in enumerate(self.plan.stable):
             if args[i].data_ptr() != entry.ptrs[slot]:
                 entry = self._recapture(key, args, i)
+                if entry.graph.executed:
+                    return self._finish(entry, args)
                 break
         inputs = entry.inputs
         for i in self.plan.copied:
-            inputs[i].copy_(args[i])
+            inputs[i].copy_(args[i], non_blocking=True)
         entry.graph.replay()
-        for i in self.plan.mutated:
-            if i in self.plan.copied:
-                args[i].copy_(inputs[i])
         self.replays += 1
         counters.replays += 1
+        return self._finish(entry, args)
+
+    def _finish(self, entry: _Entry, args: Sequence[Any]) -> Any:
+        """Writes mutated inputs back to the caller's tensors and hands out the outputs."""
+        inputs = entry.inputs
+        for i in self.plan.mutated_copied:
+            args[i].copy_(inputs[i])
         outs = entry.outputs
         if self._clone and entry.escaping:
             outs = list(outs)

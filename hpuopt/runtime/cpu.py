@@ -27,33 +27,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpuopt.errors import CaptureError
-from hpuopt.runtime.base import CapturedGraph, empty_like_exact, tensor_nbytes
+from hpuopt.runtime.base import CapturedGraph, empty_like_exact, host_sync_reason, tensor_nbytes
 
 log = logging.getLogger(__name__)
-
-aten = torch.ops.aten
-
-_NOT_CAPTURABLE = frozenset(
-    {
-        aten._local_scalar_dense,
-        aten.item,
-        aten.is_nonzero,
-        aten.equal,
-        aten.nonzero,
-        aten.masked_select,
-        aten._unique2,
-        aten.unique_consecutive,
-        aten.unique_dim,
-    }
-)
-
 
 class _CaptureCheckMode(TorchDispatchMode):
     """Raises on ops that a device graph capture would reject."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if func.overloadpacket in _NOT_CAPTURABLE:
-            raise CaptureError(f"{func} cannot run inside a device graph (host sync)")
+        reason = host_sync_reason(func, args)
+        if reason is not None:
+            raise CaptureError(f"cannot run inside a device graph: {reason}")
         return func(*args, **(kwargs or {}))
 
 
