@@ -95,6 +95,7 @@ def compile_aot_graph(
     """Splits one ATen graph, wires a runner into each static piece, returns a boxed callable."""
     counters.aot_graphs += 1
     name = f"g{record.index}.{kind}"
+    gm.meta["hpuopt.kind"] = kind
     before = _snapshot(gm) if observer else gm
     result = run_pipeline(gm, config, "post_aot", graph_name=name, passes=passes)
     if observer:

@@ -45,7 +45,9 @@ class Config:
         dynamic_ops: Extra op names to treat as dynamic (split out, never captured), e.g.
             ``"aten.nonzero"`` or ``"mylib::my_op"``; an overload (``"aten.add.Tensor"``) or a
             packet (``"aten.add"``) both work.
-        disable_passes: Names of passes to skip (see ``hpuopt.passes.registry``).
+        disable_passes: Names of passes to skip (see :func:`hpuopt.pipeline.registry`).
+        pipelining_fwd_bwd: Gaudi lazy mode: also mark a step at the end of the forward graph,
+            so the device starts the forward while the host builds the backward.
         debug: Lint the graph and check hpuopt's invariants after every pass.
         dump_dir: Directory to write each graph's code before and after every pass; ``None``
             writes nothing.
@@ -60,6 +62,7 @@ class Config:
     check_capture: bool = True
     dynamic_ops: tuple[str, ...] = ()
     disable_passes: tuple[str, ...] = ()
+    pipelining_fwd_bwd: bool = False
     debug: bool = False
     dump_dir: str | None = None
 

@@ -95,6 +95,9 @@ class AotGraphReport:
     runtime: str
     pieces: tuple[PieceReport, ...]
     passes: dict[str, bool]
+    """Pass name -> whether it changed the graph."""
+    mark_steps: tuple[str, ...] = ()
+    """Why each mark_step boundary was inserted."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +132,8 @@ def explain(session: Session | None = None) -> ExplainReport:
         aots = []
         for a in g.aot_graphs:
             pieces = tuple(_piece_report(p) for p in a.pieces)
-            aots.append(AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes)))
+            steps = tuple(m.reason for m in a.findings.get("mark_step", ()))
+            aots.append(AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes), steps))
         graphs.append(GraphReport(g.index, g.num_nodes, tuple(aots)))
     return ExplainReport(tuple(graphs), counters.snapshot())
 
@@ -180,6 +184,8 @@ def render(report: ExplainReport) -> str:
                     lines.append(f"    [as is] {p.name}: {', '.join(_short(o) for o in p.ops)}")
                     for reason in p.reasons:
                         lines.append(f"        {reason}")
+            if a.mark_steps:
+                lines.append(f"    mark_step: {'; '.join(a.mark_steps)}")
     c = report.counters
     lines.append(
         f"counters: captured {c.graphs_captured}, replays {c.replays}, hits {c.cache_hits}, "

@@ -552,7 +552,7 @@ def _broadcast(op: _Op, operands: Sequence[str]) -> tuple[_Dim | None, ...]:
             if not _same(extent, 1):
                 raise _Unsafe(
                     f"padded {d.source} meets unpadded dim {j} of operand {name!r} "
-                    "(an input of the same extent that is not padded)"
+                    "(an input of the same extent that is not padded)", {d.source}
                 )
     return tuple(dims)
 
@@ -677,7 +677,7 @@ def _reshape(op: _Op) -> _Tensor:
         head = states[0]
         if any(s is not None for s in states[1:]):
             raise _Unsafe("reshape merges the padded dim as an inner dim: pad interleaves with "
-                          "real positions")
+                          "real positions", {s.source for s in states[1:] if s is not None})
         if head is None:
             continue
         rest = _prod(in_shape[i] for i in ga[1:])
@@ -686,7 +686,7 @@ def _reshape(op: _Op) -> _Tensor:
         need = rest if head.shifted else merged
         if not statically_known_true(need % inner == 0):
             raise _Unsafe(f"reshape splits the padded {head.source} across output dims "
-                          f"{gb}: a source position would be cut")
+                          f"{gb}: a source position would be cut", {head.source})
         dims[gb[0]] = _Dim(head.source, merged // inner if not _same(inner, 1) else merged,
                            head.shifted)
     _check_size_args(op, dims, "size" if "size" in op.values else "shape")
@@ -784,7 +784,7 @@ def _slice(op: _Op) -> _Tensor:
         dims[dim] = None  # stays inside the traced real region (this graph was traced at n ≥ end)
         return _Tensor(tuple(dims), st.pad)
     raise _Unsafe(f"slice along the padded dim {dim} (start={start}, end={end}, step={step}) "
-                  "cuts or shifts the pad region")
+                  "cuts or shifts the pad region", {d.source})
 
 
 def _select(op: _Op) -> _Tensor:
@@ -795,7 +795,7 @@ def _select(op: _Op) -> _Tensor:
     dims = list(st.dims or (None,) * rank)
     if dims[dim] is not None and not (isinstance(index, int) and index >= 0):
         raise _Unsafe(f"select along the padded dim {dim} with index {index!r}: a negative index "
-                      "counts from the end, which is the pad")
+                      "counts from the end, which is the pad", {dims[dim].source})
     del dims[dim]
     return _Tensor(tuple(dims), st.pad)
 
@@ -805,7 +805,7 @@ def _split(op: _Op) -> tuple[_Tensor, ...] | _Tensor:
     rank = op.rank("self")
     dim = op.dim_arg("dim", rank)
     if st.dim(dim) is not None:
-        raise _Unsafe(f"{op.schema.name} along the padded dim {dim}")
+        raise _Unsafe(f"{op.schema.name} along the padded dim {dim}", {st.dim(dim).source})
     val = op.node.meta.get("val")
     count = len(val) if isinstance(val, (list, tuple)) else 1
     if op.target is aten.unbind.int:
@@ -824,7 +824,7 @@ def _along_dims_unsafe(arg: str, what: str) -> RuleFn:
         dims = op.dims_arg(arg, rank)
         bad = [d for d in dims if st.dim(d) is not None]
         if bad:
-            raise _Unsafe(f"{what} along the padded dim {bad[0]}")
+            raise _Unsafe(f"{what} along the padded dim {bad[0]}", {st.dim(bad[0]).source})
         return _Tensor(st.dims, st.pad)
 
     return rule
@@ -963,7 +963,7 @@ def _contract(op: _Op, a: str, b: str, a_k: int, b_k: int,
         if not ((pa == ZERO and pb <= FINITE) or (pb == ZERO and pa <= FINITE)):
             raise _Unsafe(f"contracts over the padded {ka.source}: pad × pad products are summed "
                           "into every real output (exact only with zero padding of an operand "
-                          "whose pad stays zero)")
+                          "whose pad stays zero)", {ka.source, kb.source})
         op.an.require_zero(f"contraction over the padded {ka.source}")
         if ka.source != kb.source:
             op.an.tie(ka.source, kb.source)
@@ -1066,7 +1066,8 @@ def _reduction(kind: str, dim_arg: str = "dim", zero_exact: bool = False) -> Rul
             if not (exact and st.pad == ZERO):
                 raise _Unsafe(f"{name} reduces over the padded dim {hit[0]} "
                               f"({st.dim(hit[0]).source}): the result reads the pad region"
-                              + (" (exact only with zero padding)" if exact else ""))
+                              + (" (exact only with zero padding)" if exact else ""),
+                              {st.dim(hit[0]).source})
             op.an.require_zero(f"{name} over the padded dim {hit[0]}")
         keep = bool(op.raw("keepdim"))
         out: list[_Dim | None] = []
@@ -1102,7 +1103,7 @@ def _along_dim(what: str, *, scan: bool = False, pad: int | None = None) -> Rule
         hit = [d for d in dims if st.dim(d) is not None]
         if hit and not scan:
             raise _Unsafe(f"{what} over the padded dim {hit[0]} ({st.dim(hit[0]).source}) "
-                          "reads the pad region")
+                          "reads the pad region", {st.dim(hit[0]).source})
         fact = st.pad if pad is None else (pad if st.pad <= FINITE else ANY)
         results: list[_Tensor] = []
         for k in range(_multi(op)):
@@ -1135,8 +1136,10 @@ def _layer_norm(op: _Op) -> tuple[_Tensor, ...]:
     rank = op.rank("input")
     k = len(op.raw("normalized_shape"))
     normed = range(rank - k, rank)
-    if any(st.dim(d) is not None for d in normed):
-        raise _Unsafe("layer_norm normalises over the padded dim: its statistics read the pad")
+    hit = [st.dim(d).source for d in normed if st.dim(d) is not None]
+    if hit:
+        raise _Unsafe("layer_norm normalises over the padded dim: its statistics read the pad",
+                      hit)
     for name in ("weight", "bias"):
         if op.tensor(name).padded:
             raise _Unsafe(f"layer_norm {name} is padded")
@@ -1179,7 +1182,8 @@ def _batch_norm(training_arg: str | None, outputs: int) -> RuleFn:
             hit = [d for d in range(rank) if d != 1 and st.dim(d) is not None]
             if hit:
                 raise _Unsafe(f"batch_norm in training computes batch statistics over the padded "
-                              f"dim {hit[0]} (and writes them to the running stats)")
+                              f"dim {hit[0]} (and writes them to the running stats)",
+                              {st.dim(d).source for d in hit})
         elif st.dim(1) is not None:
             raise _Unsafe("batch_norm with a padded channel dim against unpadded running stats")
         chan = (st.dim(1),) if rank > 1 else (None,)

@@ -292,6 +292,7 @@ def build_pieces(
         return dense[assignment[node]]
 
     split_gm = split_module(gm, gm, callback, keep_original_order=True)
+    split_gm.meta.update(gm.meta)
     pieces: list[PieceInfo] = []
     for node in split_gm.graph.nodes:
         if node.op != "call_module":
