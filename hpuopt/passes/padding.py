@@ -41,17 +41,16 @@ Every value in the graph gets one abstract state, computed in one forward walk o
 
 *Tensor* — a tuple with one entry per dim. An entry is ``None`` when the dim has the same extent and
 content position by position in the padded and the real run, or a *padded dim* ``_Dim(source,
-factor, shifted)`` meaning:
+factor, offset)`` meaning:
 
-- its extent is ``N·factor (+ k)`` in the padded run and ``n·factor (+ k)`` in the real run;
+- its extent is ``N·factor + offset`` in the padded run and ``n·factor + offset`` in the real run;
 - the real run's values sit, unchanged, in the *prefix* of that extent (the real region), and
-  everything after it is pad region;
+  the ``(N − n)·factor`` positions after it are pad region — nothing else comes after the pad;
 - ``factor`` is 1 for a dim that is the source itself, or the product ``R`` of the other dims a
   reshape merged *under* the source (``(B, T, C) → (B·T, C)`` makes dim 0 ``factor = T``: each
   source position owns ``T`` consecutive rows);
-- ``shifted`` marks a dim whose real region starts after a fixed-size block (``cat([cache, x])``
-  along the padded dim: extent ``k + N``); a reshape may not split such a dim unless the split
-  keeps whole rows.
+- ``offset`` is the size of a fixed block in front of the source's positions (``cat([cache, x])``
+  along the padded dim: extent ``k + N``, offset ``k``).
 
 The invariant kept for every tensor: *the real region of the padded run equals the real run*. A
 tensor state with no padded dim therefore claims the two runs agree everywhere. Besides the dims
@@ -111,7 +110,9 @@ Transfer rules, per op family (``_TABLE`` at the bottom lists every op)
    the gather-rows form covered by (8).
 6. **Concatenation** — along another dim: like pointwise. Along the padded dim only when the padded
    operand is the *last* one and the only padded one: ``cat([cache, x])`` keeps the real region a
-   prefix (``shifted``). Anywhere else the pad lands in the middle of the result; unsafe.
+   prefix (``offset`` grows by the cache length). Anywhere else the pad lands in the middle of the
+   result, in front of real data of the later operands; unsafe. ``constant_pad_nd`` on the padded
+   dim is the same case (its border sits behind the pad): unsafe.
 7. **Contractions** — ``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``mv``, ``dot``: row and batch dims
    carry over (the padded rows of ``x @ W`` are computed from the padded rows of ``x`` only).
    Contracting over a padded dim sums pad × pad products into every real output: unsafe for
@@ -157,11 +158,18 @@ Transfer rules, per op family (``_TABLE`` at the bottom lists every op)
     proves, and device-graph replay of random ops has its own seed/offset handling; we call it
     unsafe and say why.
 18. **In-place mutation** of a padded tensor that aliases a graph input (``copy_`` into an input,
-    ``add_`` on it or a view of it) would write the pad region into the caller's buffer — the
-    runtime's static copy, which it later slices, not the user's tensor, but the write-back of a
-    mutated input is not sliced: unsafe. Mutation of an intermediate follows the functional rule.
+    ``add_`` on it or a view of it): the padded run mutates the runtime's padded buffer, pad
+    included, and the caller's tensor (of the real size) only sees the mutation if the runtime
+    copies the real region back — which input write-back does not do: unsafe, with that reason.
+    Mutation of an intermediate follows the functional rule; since views of it may now hold other
+    pad contents than their state says, no later op may rely on a zero pad.
 19. **Anything else** with a padded operand: unsafe, "unknown op". Conservative by construction: a
     new op is never silently assumed to be position-wise.
+
+**Safety net.** In a symbolic graph every result is also checked against its ``meta["val"]``: a
+dim the state calls unpadded must not have an extent that mentions a padded source's symbol. A rule
+that lost track of the padded positions is thereby reported ("does not carry the padded
+positions") instead of producing a wrong plan.
 
 When a rule fails it raises ``_Unsafe`` naming the sources involved. The node's result becomes
 *poisoned*: later nodes consuming it are skipped without further reasons, so one cause is reported
@@ -175,7 +183,10 @@ Nothing changes; the result is a :class:`PaddingPlan` in ``PassResult.findings``
 
     x: f32[s0, 8] → linear → gelu → layer_norm([8]) → out          {input 0 dim 0: safe}
     x: f32[s0, 8] → softmax(dim=0) → out                            {input 0 dim 0: unsafe,
-        reason: node '_softmax', op 'aten._softmax.default', "softmax over the padded dim 0"}
+        UnsafeReason(node='_softmax', op='aten._softmax.default',
+                     why='softmax over the padded dim 0 (input 0 dim 0) reads the pad region')}
+    x: f32[s0, 8] → x.t() @ x → out                                 {input 0 dim 0: safe,
+                                                                     required_pad_value=0.0}
 """
 
 from __future__ import annotations
@@ -204,6 +215,7 @@ __all__ = [
     "SizeInput",
     "UnsafeReason",
     "analyze_padding",
+    "default_pad_dims",
 ]
 
 aten = torch.ops.aten
@@ -364,7 +376,11 @@ ZERO, FINITE, ANY = 0, 1, 2
 class _Dim:
     source: PadSource
     factor: Any = 1  # int | torch.SymInt (not hashable: never put a _Dim in a set)
-    shifted: bool = False
+    offset: Any = 0  # int | torch.SymInt
+
+    @property
+    def shifted(self) -> bool:
+        return not _same(self.offset, 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -383,7 +399,7 @@ class _Tensor:
 @dataclasses.dataclass(frozen=True)
 class _Sym:
     deps: frozenset[PadSource] = frozenset()
-    exact: PadSource | None = None  # the value *is* this source's extent
+    exact: _Dim | None = None  # the value *is* the extent of a dim with this state
 
 
 _UNPADDED = _Tensor(None, FINITE)
@@ -412,7 +428,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _same_dim(a: _Dim, b: _Dim) -> bool:
-    return a.shifted == b.shifted and _same(a.factor, b.factor)
+    return _same(a.offset, b.offset) and _same(a.factor, b.factor)
 
 
 def _prod(values: Iterable[Any]) -> Any:
@@ -483,17 +499,6 @@ class _Op:
         if not all(isinstance(x, int) for x in d):
             raise _Unsafe(f"non-constant dims argument {name}={d!r}")
         return tuple(sorted({x % rank if rank else 0 for x in d}))
-
-    @property
-    def sources(self) -> frozenset[PadSource]:
-        return frozenset(
-            s for v in self.values.values() for s in _state_sources(self.an.state_of(v))
-        )
-
-    def padded_tensors(self) -> list[tuple[str, _Tensor]]:
-        return [
-            (n, st) for n in self.values if isinstance(st := self.state(n), _Tensor) and st.padded
-        ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,7 +635,7 @@ def _size_arg_dim(op: _Op, value: Any, what: str) -> _Dim | None:
         if st.exact is None:
             raise _Unsafe(f"{what} is a function of the padded size, not the size itself",
                           st.deps)
-        return _Dim(st.exact)
+        return st.exact
     return None
 
 
@@ -682,13 +687,17 @@ def _reshape(op: _Op) -> _Tensor:
             continue
         rest = _prod(in_shape[i] for i in ga[1:])
         inner = _prod(out_shape[i] for i in gb[1:])
-        merged = head.factor * rest
-        need = rest if head.shifted else merged
-        if not statically_known_true(need % inner == 0):
+        # Real prefix of the merged group: (n·factor + offset)·rest positions. Output rows hold
+        # `inner` positions each, so the prefix is whole rows for every n iff `inner` divides
+        # both factor·rest and offset·rest.
+        factor, offset = head.factor * rest, head.offset * rest
+        if not (statically_known_true(factor % inner == 0)
+                and statically_known_true(offset % inner == 0)):
             raise _Unsafe(f"reshape splits the padded {head.source} across output dims "
                           f"{gb}: a source position would be cut", {head.source})
-        dims[gb[0]] = _Dim(head.source, merged // inner if not _same(inner, 1) else merged,
-                           head.shifted)
+        if not _same(inner, 1):
+            factor, offset = factor // inner, offset // inner
+        dims[gb[0]] = _Dim(head.source, factor, offset)
     _check_size_args(op, dims, "size" if "size" in op.values else "shape")
     return _Tensor(tuple(dims), st.pad)
 
@@ -773,14 +782,13 @@ def _slice(op: _Op) -> _Tensor:
         return _Tensor(tuple(dims) if st.padded else None, st.pad if st.padded else FINITE)
     end_st = op.an.state_of(end)
     whole_end = (end is None or (isinstance(end, int) and end >= _OPEN_END)
-                 or (isinstance(end_st, _Sym) and end_st.exact == d.source
-                     and _same(d.factor, 1) and not d.shifted))
+                 or (isinstance(end_st, _Sym) and end_st.exact is not None
+                     and end_st.exact.source == d.source and _same_dim(end_st.exact, d)))
     if start in (None, 0) and step == 1 and whole_end:
         return _Tensor(tuple(dims), st.pad)
     extent = op.shape("self")[dim]
     if (isinstance(start, int) and isinstance(end, int) and isinstance(step, int)
-            and 0 <= start <= end and step > 0 and statically_known_true(end <= extent)
-            and not d.shifted):
+            and 0 <= start <= end and step > 0 and statically_known_true(end <= extent)):
         dims[dim] = None  # stays inside the traced real region (this graph was traced at n ≥ end)
         return _Tensor(tuple(dims), st.pad)
     raise _Unsafe(f"slice along the padded dim {dim} (start={start}, end={end}, step={step}) "
@@ -806,8 +814,7 @@ def _split(op: _Op) -> tuple[_Tensor, ...] | _Tensor:
     dim = op.dim_arg("dim", rank)
     if st.dim(dim) is not None:
         raise _Unsafe(f"{op.schema.name} along the padded dim {dim}", {st.dim(dim).source})
-    val = op.node.meta.get("val")
-    count = len(val) if isinstance(val, (list, tuple)) else 1
+    count = _multi(op)
     if op.target is aten.unbind.int:
         dims = list(st.dims or (None,) * rank)
         del dims[dim]
@@ -851,9 +858,10 @@ def _cat(op: _Op) -> _Tensor:
                               "the result (only a padded *last* operand is safe)")
             head = entries[last][0]
             assert head is not None
-            others = [sh[dim] for _, sh in entries[:-1]]
-            nonempty = any(not _same(e, 0) for e in others)
-            dims[j] = _Dim(head.source, head.factor, head.shifted or nonempty)
+            prefix: Any = 0
+            for _, sh in entries[:-1]:
+                prefix = prefix + sh[dim]
+            dims[j] = _Dim(head.source, head.factor, head.offset + prefix)
             continue
         for d, sh in entries:
             if d is None:
@@ -1287,7 +1295,7 @@ def _attention(op: _Op) -> Any:
             raise _Unsafe(f"attention operands carry the padded extent differently on dim {d}")
         lead.append(present[0] if present else None)
     out0 = _Tensor((lead[0], lead[1], q.dim(2), v.dim(3)), ANY)
-    val = op.node.meta.get("val")
+    val = _val(op.node)
     if not isinstance(val, (list, tuple)):
         return out0
     results: list[_Tensor] = [out0]
@@ -1333,7 +1341,7 @@ def _arange(op: _Op) -> _Tensor:
     end_state = op.an.state_of(end)
     if isinstance(end_state, _Sym) and end_state.deps:
         if start in (None, 0) and step in (None, 1) and end_state.exact is not None:
-            return _Tensor((_Dim(end_state.exact),), FINITE)
+            return _Tensor((end_state.exact,), FINITE)
         raise _Unsafe("arange bounds are a function of the padded size")
     for name in ("start", "step"):
         s = op.state(name)
@@ -1375,10 +1383,11 @@ def _constant_pad(op: _Op) -> _Tensor:
         cur = dims[d]
         if cur is None:
             continue
-        if not isinstance(before, int) or before != 0 or not isinstance(after, int) or after < 0:
-            raise _Unsafe(f"constant_pad_nd shifts or cuts the padded dim {d}")
-        if after:
-            dims[d] = _Dim(cur.source, cur.factor, True)
+        # Padding *before* shifts the real region; padding *after* puts constants behind the pad
+        # region, where the real run has them right after its real positions.
+        if before != 0 or after != 0:
+            raise _Unsafe(f"constant_pad_nd pads the padded dim {d} ({before}, {after}): the "
+                          "real run's border would sit behind the pad", {cur.source})
     value = op.raw("value")
     return _Tensor(tuple(dims), max(st.pad, _literal_pad(value or 0)))
 
@@ -1611,6 +1620,7 @@ class _Analysis:
                  allow_zero_pad: bool = True) -> None:
         self.gm = gm
         self.allow_zero_pad = allow_zero_pad
+        self.pad_facts_stale = False
         self.sources = tuple(sources)
         self.states: dict[torch.fx.Node, Any] = {}
         self.aliases: dict[torch.fx.Node, frozenset[int]] = {}
@@ -1655,6 +1665,9 @@ class _Analysis:
         if not self.allow_zero_pad:
             raise _Unsafe(f"{what} reads the pad region: exact only with pad value 0, which the "
                           "caller does not allow (allow_zero_pad=False)")
+        if self.pad_facts_stale:
+            raise _Unsafe(f"{what} reads the pad region: exact only with pad value 0, and an "
+                          "earlier in-place mutation makes the pad contents unknown")
         self.zero_required = True
 
     # -- driver --------------------------------------------------------------------------------
@@ -1745,7 +1758,7 @@ class _Analysis:
             val = _val(node)
             if isinstance(val, torch.SymInt) and val.node.expr in extents:
                 src = extents[val.node.expr]
-                self.states[node] = _Sym(frozenset({src}), src)
+                self.states[node] = _Sym(frozenset({src}), _Dim(src))
                 self.size_inputs.append(SizeInput(idx, src))
 
     def _visit(self, node: torch.fx.Node) -> Any:
@@ -1796,10 +1809,13 @@ class _Analysis:
                 raise _Unsafe("unknown op: no padding rule (conservatively unsafe)")
         result = rule.fn(op)
         self._check_extents(node, result)
-        if _mutated_args(op):
-            for name in _mutated_args(op):
-                if isinstance(op.raw(name), torch.fx.Node) and isinstance(result, _Tensor):
-                    self.states[op.raw(name)] = result
+        for name in _mutated_args(op):
+            if isinstance(op.raw(name), torch.fx.Node) and isinstance(result, _Tensor) \
+                    and result.padded:
+                # Views of the mutated tensor keep their dims (mutation never reshapes) but may
+                # now hold stale pad-content facts: stop trusting those facts from here on.
+                self.states[op.raw(name)] = result
+                self.pad_facts_stale = True
         return result
 
     def _unpadded_result(self, node: torch.fx.Node) -> Any:
@@ -1817,8 +1833,7 @@ class _Analysis:
             d = base.dim(node.args[1] % rank)
             if d is None:
                 return _Sym()
-            exact = d.source if _same(d.factor, 1) and not d.shifted else None
-            return _Sym(frozenset({d.source}), exact)
+            return _Sym(frozenset({d.source}), d)
         return _Sym(frozenset(_state_sources(base)))
 
     def _track_alias(self, node: torch.fx.Node) -> None:
