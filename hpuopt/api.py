@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch._dynamo
 
 from hpuopt.backend import hpugraph_backend
 from hpuopt.config import Config
@@ -15,6 +17,60 @@ from hpuopt.diagnostics.explain import ExplainReport, Session, explain as _expla
 # Dynamo flags that keep dynamic ops inside graphs, so hpuopt splits them itself instead of
 # Dynamo breaking the graph (and falling back to Python) at each one.
 DYNAMIC_OP_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+
+
+class _DynamicOpFlags:
+    """Sets :data:`DYNAMIC_OP_FLAGS` while Dynamo compiles a frame inside a call of a model
+    from :func:`compile`, and restores them when that compilation ends.
+
+    Dynamo reads these flags only while tracing, so rather than patching the config on every
+    call (tens of microseconds), each call only marks a thread-local, and Dynamo's compile
+    start/end callbacks patch and restore the config when a compilation really happens. Where
+    this torch has no such callbacks, calls set and restore the flags directly.
+    """
+
+    def __init__(self) -> None:
+        self._tls = threading.local()
+        self._handler = getattr(torch._dynamo, "callback_handler", None)
+        self.hooked = self._handler is not None and hasattr(
+            self._handler, "register_start_callback"
+        )
+
+    def _ensure_registered(self) -> None:
+        # torch._dynamo.reset() clears every callback, so check on each call.
+        handler = self._handler
+        if self._on_start not in handler.start_callbacks:
+            handler.register_start_callback(self._on_start)
+            handler.register_end_callback(self._on_end)
+
+    def _on_start(self, *_: Any) -> None:
+        if getattr(self._tls, "depth", 0) and getattr(self._tls, "saved", None) is None:
+            cfg = torch._dynamo.config
+            self._tls.saved = {k: getattr(cfg, k) for k in DYNAMIC_OP_FLAGS}
+            for k, v in DYNAMIC_OP_FLAGS.items():
+                setattr(cfg, k, v)
+
+    def _on_end(self, *_: Any) -> None:
+        saved = getattr(self._tls, "saved", None)
+        if saved is not None:
+            self._tls.saved = None
+            for k, v in saved.items():
+                setattr(torch._dynamo.config, k, v)
+
+    def call(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        tls = self._tls
+        if not self.hooked:
+            with torch._dynamo.config.patch(DYNAMIC_OP_FLAGS):
+                return fn(*args, **kwargs)
+        self._ensure_registered()
+        tls.depth = getattr(tls, "depth", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tls.depth -= 1
+
+
+_flags = _DynamicOpFlags()
 
 
 class CompiledModel(torch.nn.Module):
@@ -32,8 +88,11 @@ class CompiledModel(torch.nn.Module):
         self.__dict__["session"] = session
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(DYNAMIC_OP_FLAGS):
-            return self._compiled(*args, **kwargs)
+        return _flags.call(self._compiled, args, kwargs)
+
+    # Calls skip nn.Module.__call__ (its hook checks cost microseconds per call): hooks belong
+    # on the wrapped module, where the compiled code sees them.
+    __call__ = forward
 
     def explain(self) -> ExplainReport:
         return _explain(self.session)

@@ -145,13 +145,22 @@ def compile_aot_graph(
         sum(p.runner is not None for p in aot_record.pieces),
         runtime.name,
     )
-    forward = split_gm.forward
+    forward = _eager_forward(split_gm)
 
     def run(args: list[Any]) -> Any:
         return forward(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
+
+
+def _eager_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """``gm``'s generated forward, compiled now: a lazy graph module would otherwise check for
+    pending code generation and go through ``nn.Module.__call__`` on every call."""
+    real = getattr(gm, "real_recompile", None)
+    if real is not None:
+        real()
+    return gm.forward
 
 
 def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

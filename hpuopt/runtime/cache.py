@@ -183,6 +183,26 @@ class PieceRunner:
         self.misses = 0
         self.evictions = 0
         self._clone = config.clone_outputs
+        self._saw_args = False
+
+    def _adopt_parameters(self, args: Sequence[Any]) -> None:
+        """Treats arguments that are ``nn.Parameter`` objects as stable from the first call on.
+
+        A backward graph receives the parameters its forward saved; AOTAutograd does not mark
+        them static there, and copying every weight into a static buffer each step is waste.
+        Their addresses are checked per call like any stable input.
+        """
+        self._saw_args = True
+        extra = {i for i in self.plan.copied if isinstance(args[i], torch.nn.Parameter)}
+        if extra:
+            plan = self.plan
+            copied = tuple(i for i in plan.copied if i not in extra)
+            self.plan = dataclasses.replace(
+                plan,
+                copied=copied,
+                stable=tuple(sorted(set(plan.stable) | extra)),
+                mutated_copied=tuple(i for i in plan.mutated_copied if i not in extra),
+            )
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -229,6 +249,8 @@ class PieceRunner:
     # -- misses ---------------------------------------------------------------------------
 
     def _miss(self, key: tuple, args: Sequence[Any]) -> _Entry | str:
+        if not self.entries and not self._saw_args:
+            self._adopt_parameters(args)
         self.misses += 1
         counters.cache_misses += 1
         entry = self._capture(key, args)
@@ -279,10 +301,12 @@ class PieceRunner:
         return _Entry(graph, plan, self.escaping)
 
     def _flat_fn(self) -> Callable[..., list[Any]]:
-        gm = self.gm
+        from hpuopt.backend import _eager_forward
+
+        forward = _eager_forward(self.gm)
         if self.single_output:
-            return lambda *a: [gm(*a)]
-        return lambda *a: list(gm(*a))
+            return lambda *a: [forward(*a)]
+        return lambda *a: list(forward(*a))
 
     def _fallback(self, key: tuple, reason: str) -> str:
         if self.config.strict:
