@@ -26,7 +26,8 @@ traced by Dynamo (``capturable=True``, like Dynamo's optimizer tracing) on one t
 
 1. *Sniff* the boolean options around an anchor (weight decay applied how, ``amsgrad``,
    ``maximize``; each a one-line documented check) to choose a reference.
-2. *Probe*: trace the reference with distinctive probe values (``lr=0.0123``, ...) and match it
+2. *Probe*: trace the reference with distinctive probe values (``lr=0.0123``, ...; a second set
+   where Dynamo's polyfills branch on a value) and match it
    structurally against the candidate, literals ignored. Probe literals that equal a probe value
    mark where that hyperparameter sits; the candidate's literal there is its real value.
 3. *Verify*: trace the reference again with the values read and require an exact match, literals
@@ -48,7 +49,9 @@ Each run of consecutive matched blocks sharing hyperparameters, device and dtype
                                       weight_decay=0.0, eps=1e-08, amsgrad=False, maximize=False)
 
 (``torch._fused_adamw_`` for decoupled weight decay; ``lr`` stays a graph input when it is a
-Tensor.) The kernel is chosen per device by :func:`fused_adam_kernel`.
+Tensor.) The kernel is chosen per device by :func:`fused_adam_kernel`. With ``functional=True``
+(for graphs that then go through AOTAutograd) the out-of-place ``aten._fused_adam(w)`` is emitted
+and its results are copied back with ``torch._foreach_copy_``.
 
 What it guarantees
 ------------------
@@ -157,6 +160,14 @@ class FusedAdamPass(GraphPass):
     name: ClassVar[str] = "fused_adam"
     stage: ClassVar[Stage] = "pre_aot"
 
+    functional: bool = False
+    """Emit the out-of-place ``aten._fused_adam(w)`` plus ``_foreach_copy_`` of its results into
+    the state instead of the in-place op. Needed when the graph then goes through AOTAutograd: in
+    torch 2.11-2.13 functionalization of ``_fused_adam(w)_`` fails an internal assert ("mutating a
+    non-functional tensor with a functional tensor"), while the out-of-place op functionalizes
+    (and Inductor re-inplaces the copies). Without AOTAutograd keep the in-place op: no extra
+    buffers or copies."""
+
     def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
         if not config.pass_enabled(self.name):
             return PassResult(gm, False, ())
@@ -180,7 +191,7 @@ class FusedAdamPass(GraphPass):
 
         modified = False
         for run in _runs(blocks, position):
-            outcome = _rewrite(gm, run)
+            outcome = _rewrite(gm, run, self.functional)
             findings.append(outcome)
             modified |= isinstance(outcome, FusedAdamRewrite)
         if modified:
@@ -304,8 +315,13 @@ def _sniff(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: 
 
 # -- the reference graph --------------------------------------------------------------------
 
-# Distinctive values: a probe literal equal to one of these marks where that value sits.
-_PROBE = {"lr": 0.0123, "beta1": 0.8765, "beta2": 0.98765, "eps": 1.234e-7, "weight_decay": 0.0345}
+# Distinctive values: a probe literal equal to one of these marks where that value sits. Dynamo's
+# polyfills can branch on a value (``lerp_`` with weight ``1 - beta1`` takes another decomposition
+# from 0.5 on), so a second probe sits on the other side of that branch.
+_PROBES = (
+    {"lr": 0.0123, "beta1": 0.8765, "beta2": 0.98765, "eps": 1.234e-7, "weight_decay": 0.0345},
+    {"lr": 0.0123, "beta1": 0.4321, "beta2": 0.98765, "eps": 1.234e-7, "weight_decay": 0.0345},
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,11 +410,17 @@ def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -
 def _elements(calls: Sequence[torch.fx.Node], leaves: set[torch.fx.Node]) -> dict[torch.fx.Node, int | None]:
     """For each call node, the list element it belongs to, or ``None`` if shared by all elements.
 
-    ``getitem(foreach_result, i)`` belongs to element ``i``; a non-foreach node whose node
-    arguments belong to one element belongs to it too (e.g. ``full_like(d_i, ...)``). Foreach ops,
-    which take whole lists, are shared.
+    ``getitem(foreach_result, i)`` and a graph input at position ``i`` of a foreach op's list
+    belong to element ``i``; a non-foreach node whose node arguments belong to one element belongs
+    to it too (e.g. ``full_like(d_i, ...)``, ``exp_avg_i.copy_(grad_i)``). Foreach ops, which take
+    whole lists, are shared.
     """
     element: dict[torch.fx.Node, int | None] = {}
+    for node in calls:
+        if _is_foreach(node):
+            for arg in node.args:
+                if isinstance(arg, (list, tuple)):
+                    element.update((a, i) for i, a in enumerate(arg) if a in leaves)
     for node in calls:
         if node.op == "call_function" and node.target is operator.getitem:
             source, index = node.args
@@ -407,10 +429,10 @@ def _elements(calls: Sequence[torch.fx.Node], leaves: set[torch.fx.Node]) -> dic
         if _is_foreach(node):
             element[node] = None
             continue
-        found = {element.get(a) for a in node.all_input_nodes if a not in leaves}
+        found = {element.get(a) for a in node.all_input_nodes}
         found.discard(None)
         element[node] = found.pop() if len(found) == 1 else None
-    return element
+    return {node: element[node] for node in calls}
 
 
 def _is_foreach(node: torch.fx.Node) -> bool:
@@ -494,7 +516,7 @@ class _Comparison:
         self.bound[role] = got
 
 
-def _read_hyperparams(options: _Options, pairs: list[tuple[Any, Any]]) -> dict[str, float] | str:
+def _read_hyperparams(options: _Options, probe: dict[str, float], pairs: list[tuple[Any, Any]]) -> dict[str, float] | str:
     """The candidate's values where the probe's literals equal a probe value."""
     values: dict[str, float] = {}
     wanted = ["beta1", "beta2", "eps"] + ([] if options.tensor_lr else ["lr"])
@@ -502,7 +524,7 @@ def _read_hyperparams(options: _Options, pairs: list[tuple[Any, Any]]) -> dict[s
     if coupled_wd:
         wanted.append("weight_decay")
     for name in wanted:
-        seen = {got for want, got in pairs if want == _PROBE[name]}
+        seen = {got for want, got in pairs if want == probe[name]}
         if len(seen) != 1:
             return f"cannot read {name} from the graph (found {sorted(seen)!r})"
         values[name] = float(seen.pop())
@@ -510,7 +532,7 @@ def _read_hyperparams(options: _Options, pairs: list[tuple[Any, Any]]) -> dict[s
         values["weight_decay"] = 0.0
     elif not coupled_wd:
         # AdamW with a float lr folds weight decay into one literal, 1 - lr * wd.
-        folded = 1 - _PROBE["lr"] * _PROBE["weight_decay"]
+        folded = 1 - probe["lr"] * probe["weight_decay"]
         seen = {got for want, got in pairs if want == folded}
         if len(seen) != 1:
             return "cannot read AdamW's folded 1 - lr * weight_decay from the graph"
@@ -522,7 +544,7 @@ def _read_hyperparams(options: _Options, pairs: list[tuple[Any, Any]]) -> dict[s
             guess = math.nextafter(guess, math.inf if 1 - values["lr"] * guess > target else -math.inf)
         values["weight_decay"] = guess
     if options.tensor_lr:
-        values["lr"] = _PROBE["lr"]
+        values["lr"] = probe["lr"]
     return values
 
 
@@ -546,18 +568,21 @@ def _match_block(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, re
     if isinstance(sniffed, str):
         return sniffed
     errors = []
-    for options in (sniffed, dataclasses.replace(sniffed, tensor_lr=True)):
-        probe_values = dict(_PROBE, weight_decay=_PROBE["weight_decay"] if options.has_weight_decay else 0.0)
+    candidates = [(o, p) for o in (sniffed, dataclasses.replace(sniffed, tensor_lr=True)) for p in _PROBES]
+    for options, probe_values in candidates:
+        if not options.has_weight_decay:
+            probe_values = dict(probe_values, weight_decay=0.0)
         probe = _trace_reference(options, tuple(sorted(probe_values.items())))
         if isinstance(probe, str):
             return probe
         try:
             nodes, comparisons = _compare_all(probe, form, anchor, region, exact=False)
         except _Mismatch as mismatch:
-            errors.append(f"{'tensor' if options.tensor_lr else 'float'} lr: {mismatch}")
+            errors.append(f"{'tensor' if options.tensor_lr else 'float'} lr, beta1 {probe_values['beta1']}: "
+                          f"{mismatch}")  # fmt: skip
             continue
         pairs = [p for c in comparisons for p in c.pairs]
-        values = _read_hyperparams(options, pairs)
+        values = _read_hyperparams(options, probe_values, pairs)
         if isinstance(values, str):
             return values
         reference = _trace_reference(options, tuple(sorted(values.items())))
@@ -638,12 +663,25 @@ def _runs(blocks: list[_Block], position: dict[torch.fx.Node, int]) -> list[list
     return runs
 
 
-def _rewrite(gm: torch.fx.GraphModule, run: list[_Block]) -> FusedAdamRewrite | RewriteSkipped:
+# The out-of-place variant of each in-place kernel, and which of its results go back where.
+_OUT_OF_PLACE = {
+    torch._fused_adam_: torch.ops.aten._fused_adam,
+    torch._fused_adamw_: torch.ops.aten._fused_adamw,
+}
+_RESULTS = {0: "params", 2: "exp_avgs", 3: "exp_avg_sqs", 4: "max_exp_avg_sqs"}
+
+
+def _rewrite(gm: torch.fx.GraphModule, run: list[_Block], functional: bool) -> FusedAdamRewrite | RewriteSkipped:
     first, last = run[0], run[-1]
     hyper = first.hyperparams
     kernel = fused_adam_kernel(first.device, hyper.decoupled_weight_decay)
     if kernel is None:
         return RewriteSkipped(reason=f"no fused Adam kernel for device {first.device}", node=last.anchor.name)
+    if functional:
+        if kernel not in _OUT_OF_PLACE:
+            return RewriteSkipped(reason=f"no out-of-place variant of {kernel}", node=last.anchor.name)
+        packet = _OUT_OF_PLACE[kernel]
+        kernel = packet.default if hyper.lr is not None else packet.tensor_lr
     lists = {role: [leaf for block in run for leaf in block.tensors[role]] for role in _PER_PARAM_ROLES}
     graph = gm.graph
     with graph.inserting_before(last.anchor):
@@ -661,6 +699,11 @@ def _rewrite(gm: torch.fx.GraphModule, run: list[_Block]) -> FusedAdamRewrite | 
                 "maximize": hyper.maximize,
             },
         )
+        if functional:
+            for index, role in _RESULTS.items():
+                if lists[role]:
+                    result = graph.call_function(operator.getitem, (fused, index))
+                    graph.call_function(torch._foreach_copy_, (lists[role], result))
     replaced = [node for block in run for node in block.nodes]
     for node in reversed(replaced):
         graph.erase_node(node)
