@@ -172,8 +172,9 @@ def _fuse_norms(gm: torch.fx.GraphModule, total: torch.fx.Node) -> FusedNorm | R
         return RewriteSkipped(reason="gradients are not distinct graph inputs", node=total.name)
     inside = set(chain) | {stack}
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    start = min(calls.index(n) for n in chain)
-    between = [n for n in calls[start : calls.index(stack)] if n not in inside]
+    position = {n: i for i, n in enumerate(calls)}
+    start = min(position[n] for n in chain)
+    between = [n for n in calls[start : position[stack]] if n not in inside]
     if between:
         return RewriteSkipped(reason=f"{between[0].name} runs between the norms", node=total.name)
     if any(u not in inside for n in chain for u in n.users) or (
@@ -186,7 +187,7 @@ def _fuse_norms(gm: torch.fx.GraphModule, total: torch.fx.Node) -> FusedNorm | R
         with gm.graph.inserting_before(stack):
             fused = gm.graph.call_function(torch._foreach_norm, (list(grads), 2.0))
     stack.args = (fused, *stack.args[1:])
-    for node in sorted(chain, key=calls.index, reverse=True):
+    for node in sorted(chain, key=position.__getitem__, reverse=True):
         gm.graph.erase_node(node)
     log.debug("fused_clip_norm: %d norms -> %s", len(grads), fused.name)
     return FusedNorm(node=fused.name, num_grads=len(grads), replaced_nodes=len(chain))
@@ -216,6 +217,7 @@ def _fuse_scales(gm: torch.fx.GraphModule, coefficient: torch.fx.Node) -> list[F
         u for u in coefficient.users if u.op == "call_method" and u.target == "to" and len(u.users) > 0
     }
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    position = {n: i for i, n in enumerate(calls)}
     results: list[FusedScale | RewriteSkipped] = []
     for scale in scales:
         muls = [u for u in scale.users if u.op == "call_method" and u.target == "mul_" and u.args[1] is scale]
@@ -223,7 +225,7 @@ def _fuse_scales(gm: torch.fx.GraphModule, coefficient: torch.fx.Node) -> list[F
             continue
         if len(muls) == 1 or any(not _is_leaf(m.args[0]) or m.users for m in muls):
             continue  # a single grad, or not the per-gradient form: nothing to fuse
-        positions = sorted(calls.index(m) for m in muls)
+        positions = sorted(position[m] for m in muls)
         if positions[-1] - positions[0] != len(muls) - 1:
             results.append(RewriteSkipped(reason="the per-gradient scales are not consecutive", node=scale.name))
             continue
