@@ -80,7 +80,13 @@ def hpugraph_backend(
         inference_compiler=compiler("inference"),
         keep_inference_input_mutations=True,
     )
-    return lower(pre.graph_module, example_inputs)
+    try:
+        return lower(pre.graph_module, example_inputs)
+    except BaseException:
+        # Dynamo may abandon this attempt (a restart with new specialisations) and call us
+        # again: a record without compiled graphs would only confuse explain().
+        session.discard(record)
+        raise
 
 
 def compile_aot_graph(
@@ -133,6 +139,7 @@ def compile_aot_graph(
             config=config,
             stable=stable,
             escaping=_escaping_outputs(node),
+            padding=node.meta.get("hpuopt.padding"),
         )
         # The stitching code calls ``self.submod_k(...)``; an instance attribute shadows the
         # registered submodule, so the call skips nn.Module.__call__ and lands in the runner.

@@ -36,6 +36,15 @@ class Config:
         max_graphs: Captured graphs kept per piece (least recently used are evicted).
         warmup_runs: Eager runs of a piece before it is captured (lazy initialisation, autotuning
             and allocator warm-up happen outside the graph).
+        padding: Pad dynamic dimensions up to a bucket where the padding analysis proves the
+            real part of every output unchanged; elsewhere pieces are captured per exact shape.
+        bucket_sizes: The buckets to pad to, ascending; empty means powers of two up to
+            ``max_bucket``.
+        max_bucket: The largest power-of-two bucket when ``bucket_sizes`` is empty.
+        above_largest: A size above the largest bucket is captured at its exact shape
+            (``"exact"``) or runs uncaptured (``"uncaptured"``).
+        max_pad_waste: Pad only while the padded share of a dimension stays at or below this
+            fraction (0.5: never more than double the real size).
         strict: Raise :class:`hpuopt.errors.FallbackError` instead of running a piece uncaptured.
         clone_outputs: Clone captured outputs that escape to the caller so a later replay cannot
             change them. ``False`` returns the graph's own buffers (faster; a later replay
@@ -57,6 +66,11 @@ class Config:
     capture: bool = True
     max_graphs: int = 64
     warmup_runs: int = 1
+    padding: bool = True
+    bucket_sizes: tuple[int, ...] = ()
+    max_bucket: int = 4096
+    above_largest: Literal["exact", "uncaptured"] = "exact"
+    max_pad_waste: float = 0.5
     strict: bool = False
     clone_outputs: bool = True
     check_capture: bool = True
@@ -75,6 +89,20 @@ class Config:
             raise ConfigError(f"max_graphs must be at least 1, got {self.max_graphs}")
         if self.warmup_runs < 0:
             raise ConfigError(f"warmup_runs must be at least 0, got {self.warmup_runs}")
+        if list(self.bucket_sizes) != sorted(set(self.bucket_sizes)) or any(
+            b < 1 for b in self.bucket_sizes
+        ):
+            raise ConfigError(
+                f"bucket_sizes must be positive and strictly ascending, got {self.bucket_sizes}"
+            )
+        if self.max_bucket < 1:
+            raise ConfigError(f"max_bucket must be at least 1, got {self.max_bucket}")
+        if self.above_largest not in ("exact", "uncaptured"):
+            raise ConfigError(
+                f"above_largest={self.above_largest!r} is not one of ['exact', 'uncaptured']"
+            )
+        if not 0.0 <= self.max_pad_waste < 1.0:
+            raise ConfigError(f"max_pad_waste must be in [0, 1), got {self.max_pad_waste}")
 
     # -- construction ---------------------------------------------------------------------
 
@@ -132,12 +160,18 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"option {name!r} must be an int, got {value!r}")
         return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"option {name!r} must be a number, got {value!r}")
+        return float(value)
     if origin is tuple:
+        item = typing.get_args(hint)[0]
+        kind = "strings" if item is str else "integers"
         if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
-            raise ConfigError(f"option {name!r} must be a list of strings, got {value!r}")
+            raise ConfigError(f"option {name!r} must be a list of {kind}, got {value!r}")
         items = tuple(value)
-        if not all(isinstance(v, str) for v in items):
-            raise ConfigError(f"option {name!r} must hold strings only, got {value!r}")
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+            raise ConfigError(f"option {name!r} must hold {kind} only, got {value!r}")
         return items
     # str, Optional[str] and Literal fields
     if value is not None and not isinstance(value, str):
@@ -154,11 +188,17 @@ def _parse_env(key: str, raw: str, hint: Any) -> Any:
         if low in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{key}={raw!r} is not a boolean (use 1/0, true/false)")
-    if hint is int:
+    if hint in (int, float):
         try:
-            return int(text)
+            return hint(text)
         except ValueError:
-            raise ConfigError(f"{key}={raw!r} is not an integer") from None
+            raise ConfigError(f"{key}={raw!r} is not a{'n integer' if hint is int else ' number'}") from None
     if typing.get_origin(hint) is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if typing.get_args(hint)[0] is int:
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError:
+                raise ConfigError(f"{key}={raw!r} is not a comma-separated list of integers") from None
+        return tuple(parts)
     return text or None

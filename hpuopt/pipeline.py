@@ -19,6 +19,7 @@ import torch.fx
 from hpuopt.config import Config
 from hpuopt.errors import PassError
 from hpuopt.passes.base import GraphPass, PassResult, Stage
+from hpuopt.passes.buckets import BucketPlanPass
 from hpuopt.passes.cleanup import CleanupPass
 from hpuopt.passes.mark_step import MarkStepPass
 from hpuopt.passes.split import SplitPass
@@ -30,6 +31,8 @@ PRE_AOT: tuple[GraphPass, ...] = ()
 POST_AOT: tuple[GraphPass, ...] = (
     # The split comes first among the ATen passes: every later pass works per piece.
     SplitPass(),
+    # Per static piece: which dynamic dims may be padded to a bucket (reads the pieces' graphs).
+    BucketPlanPass(),
     # After the split: boundaries go around the dynamic pieces it made.
     MarkStepPass(),
     # Last: dead-code elimination must see the final graph; it keeps impure nodes, so the

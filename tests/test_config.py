@@ -48,6 +48,10 @@ def test_unknown_variable_is_an_error_naming_it():
         ({"strict": 1}, "must be a bool"),
         ({"runtime": "tpu"}, "runtime='tpu'"),
         ({"dynamic_ops": "aten.cos"}, "list of strings"),
+        ({"bucket_sizes": [8, 4]}, "strictly ascending"),
+        ({"bucket_sizes": ["8"]}, "integers only"),
+        ({"max_pad_waste": 1.5}, "max_pad_waste"),
+        ({"above_largest": "pad"}, "above_largest"),
         ({"disable_passes": [3]}, "strings only"),
     ],
 )

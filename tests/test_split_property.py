@@ -418,34 +418,25 @@ def _run_end_to_end(program: Program, batch: int, flags: bool, options=None) -> 
     assert hpuopt.counters.pieces_static > 0 or program.dynamic or not hpuopt.counters.aot_graphs
 
 
-# Input mutation is drawn only by test_end_to_end_input_mutation (see the xfail there).
+# Input mutation is drawn by test_end_to_end_input_mutation.
 @given(program=programs(max_ops=7, exclude=("input_inplace",)), batch=st.integers(2, 4))
 @settings(SETTINGS, max_examples=30)
 def test_end_to_end_matches_eager_flags_off(program, batch):
     _run_end_to_end(program, batch, flags=False)
 
 
-# ``unique`` is left out with the flags on: see test_unique_flags_on_is_not_replayed_stale.
-@given(program=programs(max_ops=7, exclude=("unique", "input_inplace")),
+@given(program=programs(max_ops=7, exclude=("input_inplace",)),
        batch=st.integers(2, 4))
 @settings(SETTINGS, max_examples=30)
 def test_end_to_end_matches_eager_flags_on(program, batch):
     _run_end_to_end(program, batch, flags=True)
 
 
-CLEANUP_DROPS_MUTATION = (
-    "CleanupPass (eliminate_dead_code) erases a piece whose outputs are unused, e.g. the piece "
-    "holding only copy_(input, new_value): the caller's input is never updated"
-)
-
-
-@given(program=programs(max_ops=6, exclude=("unique",), mutate_input=True),
+@given(program=programs(max_ops=6, mutate_input=True),
        batch=st.integers(2, 4), flags=st.booleans())
 @settings(SETTINGS, max_examples=20)
 def test_end_to_end_input_mutation(program, batch, flags):
-    # TODO: drop the option once the cleanup bug is fixed (CLEANUP_DROPS_MUTATION); with it the
-    # drawn programs fail whenever the write-back lands in a piece of its own.
-    _run_end_to_end(program, batch, flags, options={"disable_passes": ["cleanup"]})
+    _run_end_to_end(program, batch, flags)
 
 
 def _mutate_after_mask(x):
@@ -454,8 +445,9 @@ def _mutate_after_mask(x):
     return x.sin(), v
 
 
-@pytest.mark.xfail(strict=True, reason=CLEANUP_DROPS_MUTATION)
 def test_input_mutation_after_dynamic_op_reaches_caller(dynamic_op_flags):
+    """The write-back of an input mutation can land in a piece of its own, whose outputs
+    nobody reads: the cleanup pass must keep it (the piece module is marked impure)."""
     compiled = torch.compile(_mutate_after_mask, backend="hpugraph")
     x = torch.randn(3, 4)
     ref, got = x.clone(), x.clone()
@@ -482,8 +474,6 @@ def _unique_of(x):
     return torch.unique((x * 2).round())
 
 
-@pytest.mark.xfail(strict=True, reason="getitem of _unique2's tuple lands in a static piece whose "
-                   "tuple input is neither copied nor keyed: every replay returns call 1's result")
 def test_unique_flags_on_is_not_replayed_stale(dynamic_op_flags):
     compiled = torch.compile(_unique_of, backend="hpugraph")
     for _ in range(3):
@@ -491,8 +481,6 @@ def test_unique_flags_on_is_not_replayed_stale(dynamic_op_flags):
         torch.testing.assert_close(compiled(x), _unique_of(x))
 
 
-@pytest.mark.xfail(strict=True, reason="split puts operator.getitem of a dynamic op's tuple "
-                   "output in a static piece (tuple placeholder, baked into the capture)")
 def test_split_static_pieces_take_no_tuple_inputs():
     gm = aten_graph(_unique_of, torch.randn(3, 4), tracing_mode="symbolic")
     split_gm = SplitPass()(gm, hpuopt.Config()).graph_module
@@ -522,11 +510,7 @@ def _mutate_around_dynamic(x: torch.Tensor, w: torch.Tensor):
     return picked, total, mid, n
 
 
-@pytest.mark.parametrize("flags", [
-    pytest.param(False, id="flags-off",
-                 marks=pytest.mark.xfail(strict=True, reason=CLEANUP_DROPS_MUTATION)),
-    pytest.param(True, id="flags-on"),
-])
+@pytest.mark.parametrize("flags", [False, True], ids=["flags-off", "flags-on"])
 def test_side_effect_order_around_dynamic_ops(flags):
     compiled = torch.compile(_mutate_around_dynamic, backend="hpugraph")
     with torch._dynamo.config.patch(

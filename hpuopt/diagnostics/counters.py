@@ -36,6 +36,16 @@ class Counters:
     uncaptured_runs: int = 0
     """Runs of a static piece without a graph (fallbacks, ``capture=False``)."""
     capture_seconds: float = 0.0
+    real_elements: int = 0
+    """Elements of padded inputs that carried real data."""
+    padded_elements: int = 0
+    """Elements of padded inputs that were padding (waste)."""
+
+    @property
+    def pad_waste(self) -> float:
+        """The share of padded inputs' elements that was padding."""
+        total = self.real_elements + self.padded_elements
+        return self.padded_elements / total if total else 0.0
 
     def snapshot(self) -> Counters:
         return dataclasses.replace(self)

@@ -55,6 +55,11 @@ class Session:
             self.graphs.append(record)
             return record
 
+    def discard(self, record: GraphRecord) -> None:
+        with self._lock:
+            if record in self.graphs:
+                self.graphs.remove(record)
+
     def clear(self) -> None:
         """Drops the records and every captured graph they hold."""
         for g in self.graphs:
@@ -87,6 +92,8 @@ class PieceReport:
     misses: int = 0
     evictions: int = 0
     held_bytes: int = 0
+    padding: str = ""
+    """What the piece pads to buckets, or why it is captured at exact shapes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +165,7 @@ def _piece_report(p: PieceRecord) -> PieceReport:
         misses=r.misses,
         evictions=r.evictions,
         held_bytes=r.held_bytes(),
+        padding=r.padding_summary(),
     )
 
 
@@ -178,6 +186,8 @@ def render(report: ExplainReport) -> str:
                         f"{', '.join(p.graphs) or '-'}; replays {p.replays}, hits {p.hits}, "
                         f"misses {p.misses}, evictions {p.evictions}, {_bytes(p.held_bytes)}"
                     )
+                    if p.padding:
+                        lines.append(f"        {p.padding}")
                     for reason in dict.fromkeys(p.fallbacks):
                         lines.append(f"        runs uncaptured for some inputs: {reason}")
                 else:
@@ -191,6 +201,7 @@ def render(report: ExplainReport) -> str:
         f"counters: captured {c.graphs_captured}, replays {c.replays}, hits {c.cache_hits}, "
         f"misses {c.cache_misses}, evictions {c.evictions}, recaptures {c.recaptures}, "
         f"fallbacks {c.fallbacks}, capture {c.capture_seconds:.3f}s"
+        + (f", pad waste {c.pad_waste:.0%}" if c.real_elements else "")
     )
     return "\n".join(lines)
 

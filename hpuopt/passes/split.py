@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
@@ -259,6 +260,10 @@ def assign_partitions(
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
+        if node.target is operator.getitem and node.args[0] in part:
+            # unpacking a multi-output node stays with it: a tuple never crosses a boundary
+            part[node] = part[node.args[0]]
+            continue
         lo = max([floor] + [part[i] for i in node.all_input_nodes if i in part])
         impure = has_side_effect(node)
         if impure:
@@ -300,6 +305,9 @@ def build_pieces(
         k = int(node.target.rsplit("_", 1)[1])
         nodes = members.get(k, [])
         static = not any(n in dynamic for n in nodes)
+        if any(has_side_effect(n) for n in nodes):
+            # the stitching graph's dead-code elimination asks the module (Node.is_impure)
+            split_gm._modules[node.target]._is_impure = True
         info = PieceInfo(
             name=node.target,
             static=static,

@@ -36,6 +36,15 @@ copied into their static inputs within the same call and needs no clone. An outp
 — is cloned unless ``clone_outputs=False``, so nothing the user holds changes under them on a
 later call.
 
+Padding to buckets
+------------------
+A piece whose padding plan (``hpuopt.passes.buckets``) proves some dynamic dimensions safe to
+pad gets a :class:`Padder`: the signature holds the *bucket* of each padded size instead of the
+size, static buffers have the bucket's shape, each call copies the real rows into the front of
+the buffer (zeroing the rest when the plan needs zero padding) and slices every output back to
+its real extent. New static buffers start full of NaN in the pad region, so an analysis that
+wrongly called an op safe shows up as NaN in tests rather than as a plausible number.
+
 Failure
 -------
 A capture that fails (an op a device graph rejects, out of memory) marks that signature as a
@@ -60,7 +69,9 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
 from hpuopt.errors import CaptureError, FallbackError
+from hpuopt.passes.padding import PaddingPlan, PadSource
 from hpuopt.runtime.base import CapturedGraph, Runtime, empty_like_exact, tensor_nbytes
+from hpuopt.runtime.buckets import BucketPolicy
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +92,15 @@ class ArgPlan:
     """Arguments the piece writes to."""
     mutated_copied: tuple[int, ...] = ()
     """Mutated arguments that have a static copy: written back to the caller after a run."""
+    unsupported: str | None = None
+    """Why this piece cannot be captured at all (an argument a signature cannot describe)."""
 
 
 def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     mutated = mutated_inputs(gm)
     tensor, copied, stable_idx, keyed = [], [], [], []
+    unsupported = None
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
@@ -94,6 +108,8 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
             (stable_idx if stable[i] else copied).append(i)
             if _symbolic_tensor(val):
                 keyed.append(i)
+        elif isinstance(val, (list, tuple, dict)):
+            unsupported = f"argument {node.name} is a container ({type(val).__name__})"
         elif val is None or isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             keyed.append(i)  # unknown or symbolic: let its runtime value into the key
     return ArgPlan(
@@ -103,6 +119,7 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
         keyed=tuple(keyed),
         mutated=tuple(sorted(mutated)),
         mutated_copied=tuple(sorted(mutated & set(copied))),
+        unsupported=unsupported,
     )
 
 
@@ -136,12 +153,108 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
     return out
 
 
+ABOVE_LARGEST = object()
+"""Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
+
+
+class Padder:
+    """The padded path of one piece: bucketed signature, static buffers, loads (see above)."""
+
+    def __init__(self, plan: PaddingPlan, policy: BucketPolicy, args: ArgPlan) -> None:
+        self.plan = plan
+        self.policy = policy
+        self.sources: tuple[PadSource, ...] = plan.padded
+        self.dims: dict[int, list[PadSource]] = {}
+        for src in self.sources:
+            self.dims.setdefault(src.input, []).append(src)
+        self.size_inputs = {si.input: si.source for si in plan.size_inputs}
+        self.keyed = args.keyed
+        self.copied = args.copied
+        self.zero = plan.required_pad_value == 0.0
+
+    def sizes(self, args: Sequence[Any]) -> dict[PadSource, tuple[int, int]] | object | None:
+        """``{source: (real, bucket)}``; ``None`` when this call cannot be padded; or
+        :data:`ABOVE_LARGEST`."""
+        out: dict[PadSource, tuple[int, int]] = {}
+        for src in self.sources:
+            arg = args[src.input]
+            if not arg.is_contiguous():
+                return None
+            n = arg.shape[src.dim]
+            b = self.policy.bucket(n)
+            if b is None:
+                return ABOVE_LARGEST
+            out[src] = (n, b)
+        for a, b in self.plan.ties:
+            if a in out and b in out and out[a][1] != out[b][1]:
+                return None
+        return out
+
+    def key(self, args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]) -> tuple:
+        parts: list[Any] = []
+        for i in self.keyed:
+            if i in self.dims:
+                shape = list(args[i].shape)
+                for src in self.dims[i]:
+                    shape[src.dim] = sizes[src][1]
+                parts.append(("pad", tuple(shape)))
+            elif i in self.size_inputs:
+                parts.append(("size", sizes[self.size_inputs[i]][1]))
+            else:
+                parts.append(_key_part(args[i]))
+        return tuple(parts)
+
+    def prepare(
+        self, static: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
+    ) -> None:
+        """Replaces the padded inputs' static buffers by bucket-shaped ones, sets size inputs."""
+        for i, srcs in self.dims.items():
+            arg = args[i]
+            shape = list(arg.shape)
+            for src in srcs:
+                shape[src.dim] = sizes[src][1]
+            buf = torch.empty(shape, dtype=arg.dtype, device=arg.device)
+            if self.zero:
+                buf.zero_()
+            elif buf.is_floating_point():
+                buf.fill_(float("nan"))
+            static[i] = buf
+            self._real(buf, i, sizes).copy_(arg)
+        for i, src in self.size_inputs.items():
+            static[i] = sizes[src][1]
+
+    def load(
+        self, inputs: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
+    ) -> None:
+        real_elems = pad_elems = 0
+        for i in self.copied:
+            if i in self.dims:
+                buf = inputs[i]
+                if self.zero:
+                    buf.zero_()
+                self._real(buf, i, sizes).copy_(args[i], non_blocking=True)
+                n = args[i].numel()
+                real_elems += n
+                pad_elems += buf.numel() - n
+            else:
+                inputs[i].copy_(args[i], non_blocking=True)
+        counters.real_elements += real_elems
+        counters.padded_elements += pad_elems
+
+    def _real(self, buf: torch.Tensor, i: int, sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
+        view = buf
+        for src in self.dims[i]:
+            view = view.narrow(src.dim, 0, sizes[src][0])
+        return view
+
+
 class _Entry:
     """One captured graph with its per-call load/unload work precomputed."""
 
-    __slots__ = ("graph", "inputs", "outputs", "ptrs", "plan", "escaping")
+    __slots__ = ("graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh")
 
     def __init__(self, graph: CapturedGraph, plan: ArgPlan, escaping: Sequence[bool]) -> None:
+        self.fresh = True  # not yet used: an executed capture already holds this call's result
         self.graph = graph
         self.inputs = graph.static_inputs
         self.outputs = graph.static_outputs
@@ -167,12 +280,19 @@ class PieceRunner:
         config: Config,
         stable: Sequence[bool],
         escaping: Sequence[bool],
+        padding: PaddingPlan | None = None,
     ) -> None:
         self.name = name
         self.gm = gm
         self.runtime = runtime
         self.config = config
         self.plan = arg_plan(gm, stable)
+        self._padding_plan = padding
+        self.padder = (
+            Padder(padding, BucketPolicy(config), self.plan)
+            if padding is not None and padding.padded
+            else None
+        )
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         self.single_output = not isinstance(out_node.args[0], (tuple, list))
         self.escaping = list(escaping)
@@ -207,6 +327,8 @@ class PieceRunner:
     # -- the hot path ---------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
+        if self.padder is not None:
+            return self._call_padded(args)
         key = tuple(_key_part(args[i]) for i in self.plan.keyed)
         entry = self.entries.get(key)
         if entry is None:
@@ -234,12 +356,54 @@ class PieceRunner:
         counters.replays += 1
         return self._finish(entry, args)
 
-    def _finish(self, entry: _Entry, args: Sequence[Any]) -> Any:
+    def _call_padded(self, args: Sequence[Any]) -> Any:
+        padder = self.padder
+        assert padder is not None
+        sizes = padder.sizes(args)
+        if sizes is None:  # this call cannot be padded (e.g. a non-contiguous input)
+            return self._call_exact_shapes(args)
+        if sizes is ABOVE_LARGEST:
+            counters.uncaptured_runs += 1
+            self.fallback_reasons.setdefault(("above",), "size above the largest bucket")
+            return self.gm(*args)
+        key = padder.key(args, sizes)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._miss(key, args, sizes)
+        else:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            counters.cache_hits += 1
+        if isinstance(entry, str):
+            counters.uncaptured_runs += 1
+            return self.gm(*args)
+        for slot, i in enumerate(self.plan.stable):
+            if args[i].data_ptr() != entry.ptrs[slot]:
+                entry = self._recapture(key, args, i, sizes)
+                break
+        padder.load(entry.inputs, args, sizes)
+        if not (entry.graph.executed and entry.fresh):
+            entry.graph.replay()
+            self.replays += 1
+            counters.replays += 1
+        entry.fresh = False
+        return self._finish(entry, args, padder)
+
+    def _call_exact_shapes(self, args: Sequence[Any]) -> Any:
+        padder, self.padder = self.padder, None
+        try:
+            return self(*args)
+        finally:
+            self.padder = padder
+
+    def _finish(self, entry: _Entry, args: Sequence[Any], padder: Padder | None = None) -> Any:
         """Writes mutated inputs back to the caller's tensors and hands out the outputs."""
         inputs = entry.inputs
         for i in self.plan.mutated_copied:
             args[i].copy_(inputs[i])
         outs = entry.outputs
+        if padder is not None:
+            outs = padder.plan.slice_outputs(outs, args, inputs)
         if self._clone and entry.escaping:
             outs = list(outs)
             for i in entry.escaping:
@@ -248,12 +412,12 @@ class PieceRunner:
 
     # -- misses ---------------------------------------------------------------------------
 
-    def _miss(self, key: tuple, args: Sequence[Any]) -> _Entry | str:
+    def _miss(self, key: tuple, args: Sequence[Any], sizes: dict | None = None) -> _Entry | str:
         if not self.entries and not self._saw_args:
             self._adopt_parameters(args)
         self.misses += 1
         counters.cache_misses += 1
-        entry = self._capture(key, args)
+        entry = self._capture(key, args, sizes)
         self.entries[key] = entry
         if len(self.entries) > self.config.max_graphs:
             _, old = self.entries.popitem(last=False)
@@ -262,23 +426,30 @@ class PieceRunner:
             counters.evictions += 1
         return entry
 
-    def _recapture(self, key: tuple, args: Sequence[Any], index: int) -> _Entry:
+    def _recapture(
+        self, key: tuple, args: Sequence[Any], index: int, sizes: dict | None = None
+    ) -> _Entry:
         log.info("%s: argument %d changed address; capturing again", self.name, index)
         counters.recaptures += 1
         self._release(self.entries.pop(key))
-        entry = self._capture(key, args)
+        entry = self._capture(key, args, sizes)
         self.entries[key] = entry
         if isinstance(entry, str):  # pragma: no cover - a capture that worked once fails now
             raise FallbackError(self.name, entry)
         return entry
 
-    def _capture(self, key: tuple, args: Sequence[Any]) -> _Entry | str:
+    def _capture(self, key: tuple, args: Sequence[Any], sizes: dict | None = None) -> _Entry | str:
         if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
             return "capture is disabled (capture=False)"
         plan = self.plan
+        if plan.unsupported:
+            return self._fallback(key, plan.unsupported)
         static: list[Any] = list(args)
         for i in plan.copied:
             static[i] = _static_copy(args[i])
+        if sizes is not None:
+            assert self.padder is not None
+            self.padder.prepare(static, args, sizes)
         for i in plan.stable:
             static[i] = args[i].detach()  # the storage as of now, like a recorded address
         warm = list(static)
@@ -331,6 +502,16 @@ class PieceRunner:
         self.entries.clear()
         self.fallback_reasons.clear()
 
+    def padding_summary(self) -> str:
+        """What this piece pads, or why it runs at exact shapes (for explain)."""
+        if self.padder is not None:
+            dims = ", ".join(str(s) for s in self.padder.sources)
+            zero = " with zero padding" if self.padder.zero else ""
+            return f"pads {dims} to {self.padder.policy.describe()}{zero}"
+        if self._padding_plan is not None and self._padding_plan.reasons:
+            return "exact shapes: " + "; ".join(str(r) for r in self._padding_plan.reasons[:3])
+        return ""
+
     def held_bytes(self) -> int:
         return sum(e.graph.nbytes for e in self.entries.values() if isinstance(e, _Entry))
 
@@ -350,6 +531,10 @@ def _describe_key(key: tuple) -> str:
     for part in key:
         if isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], torch.Size):
             parts.append("x".join(map(str, part[0])) or "scalar")
+        elif isinstance(part, tuple) and len(part) == 2 and part[0] == "pad":
+            parts.append("pad " + ("x".join(map(str, part[1])) or "scalar"))
+        elif isinstance(part, tuple) and len(part) == 2 and part[0] == "size":
+            parts.append(f"size {part[1]}")
         else:
             parts.append(repr(part))
     return "(" + ", ".join(parts) + ")" if parts else "(static)"

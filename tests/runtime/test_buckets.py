@@ -1,0 +1,166 @@
+"""Shape buckets: padding only where the analysis proves it safe, outputs sliced back, bounded
+graph counts, and the right answer whatever the pad region holds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hpuopt
+from hpuopt import Config
+from hpuopt.runtime.buckets import BucketPolicy
+
+
+def _policy(**options):
+    return BucketPolicy(Config.from_options(options, environ={}))
+
+
+def test_powers_of_two_and_waste_bound():
+    p = _policy()
+    assert [p.bucket(n) for n in (1, 2, 3, 5, 8, 9, 33)] == [1, 2, 4, 8, 8, 16, 64]
+    assert p.bucket(0) == 0  # empty stays empty
+    strict = _policy(max_pad_waste=0.2)
+    assert strict.bucket(5) == 5  # 8 would waste 3/8 > 0.2
+    assert strict.bucket(7) == 8
+
+
+def test_user_buckets_and_above_largest():
+    p = _policy(bucket_sizes=[4, 16, 64])
+    assert [p.bucket(n) for n in (1, 3, 4, 9, 40)] == [1, 4, 4, 16, 64]  # 1 -> 4 wastes 75%
+    assert p.bucket(100) == 100  # above the largest: exact
+    assert _policy(bucket_sizes=[4, 16], above_largest="uncaptured").bucket(17) is None
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
+
+
+def test_varying_batch_uses_no_more_graphs_than_buckets():
+    model = _mlp()
+    compiled = torch.compile(model, backend="hpugraph", dynamic=True)
+    kept = []
+    with torch.no_grad():
+        for batch in [3, 5, 7, 8, 2, 9, 16, 11, 13, 6]:
+            x = torch.randn(batch, 8)
+            out = compiled(x)
+            torch.testing.assert_close(out, model(x))
+            assert out.shape == (batch, 4)
+            kept.append((x, out))
+    for x, out in kept:  # outputs sliced and cloned: later replays did not touch them
+        torch.testing.assert_close(out, model(x))
+    (piece,) = [p for p in hpuopt.explain().pieces if p.captured and p.graphs]
+    assert "pads" in piece.padding
+    assert len(piece.graphs) <= 4  # buckets 2, 4, 8, 16 (batch 1 and 2 aside)
+    assert 0 < hpuopt.counters.pad_waste < 0.5
+
+
+def test_unsafe_piece_runs_at_exact_shapes_with_reason():
+    def f(x):
+        return torch.softmax(x, dim=0) * 2  # a softmax over the dynamic (batch) dim
+
+    compiled = torch.compile(f, backend="hpugraph", dynamic=True)
+    for batch in (3, 5, 6):
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(compiled(x), f(x))
+    (piece,) = [p for p in hpuopt.explain().pieces if p.captured]
+    assert piece.padding.startswith("exact shapes") and "softmax" in piece.padding
+    assert len(piece.graphs) == 3
+
+
+def test_reduction_over_padded_dim_uses_zero_padding():
+    w = torch.randn(4, 4)
+
+    def f(x):
+        return (x @ w).sum(0)  # exact with zero padding only
+
+    compiled = torch.compile(f, backend="hpugraph", dynamic=True)
+    for batch in (3, 5, 7, 3):
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(compiled(x), f(x))
+    (piece,) = [p for p in hpuopt.explain().pieces if p.captured]
+    assert "zero padding" in piece.padding
+
+
+def test_above_largest_bucket_can_run_uncaptured():
+    model = _mlp()
+    compiled = torch.compile(
+        model,
+        backend="hpugraph",
+        dynamic=True,
+        options={"bucket_sizes": [4, 8], "above_largest": "uncaptured"},
+    )
+    with torch.no_grad(), hpuopt.counters.expect(uncaptured_runs=1):
+        for batch in (3, 6, 20):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_padding_off_captures_exact_shapes():
+    model = _mlp()
+    compiled = torch.compile(model, backend="hpugraph", dynamic=True, options={"padding": False})
+    with torch.no_grad():
+        for batch in (3, 5, 6):
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+    (piece,) = [p for p in hpuopt.explain().pieces if p.captured]
+    assert len(piece.graphs) == 3 and not piece.padding
+
+
+def test_training_with_padded_batches_matches_eager():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="hpugraph", dynamic=True)
+    for batch in (3, 5, 7, 6):
+        x, y = torch.randn(batch, 8), torch.randint(0, 4, (batch,))
+        F.cross_entropy(compiled(x), y).backward()
+        F.cross_entropy(ref(x), y).backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+            p.grad = q.grad = None
+    kinds = {a.kind for g in hpuopt.explain().graphs for a in g.aot_graphs}
+    assert {"forward", "backward"} <= kinds
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    buckets=st.lists(st.integers(1, 24), min_size=1, max_size=4, unique=True).map(sorted),
+    batches=st.lists(st.integers(1, 24), min_size=2, max_size=6),
+    waste=st.sampled_from([0.25, 0.5, 0.9]),
+)
+def test_any_buckets_and_sizes_give_eager_results(buckets, batches, waste):
+    torch._dynamo.reset()
+    model = _mlp()
+    compiled = torch.compile(
+        model,
+        backend="hpugraph",
+        dynamic=True,
+        options={"bucket_sizes": buckets, "max_pad_waste": waste},
+    )
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_dynamic_op_then_padded_piece(dynamic_op_flags):
+    """The piece after a boolean mask sees data-dependent sizes and pads them."""
+    lin = nn.Linear(6, 6)
+
+    def f(x):
+        h = lin(x)
+        kept = h[h.sum(-1) > 0]
+        return torch.tanh(kept) * 3
+
+    compiled = torch.compile(f, backend="hpugraph")
+    with torch.no_grad():
+        for _ in range(8):
+            x = torch.randn(12, 6)
+            torch.testing.assert_close(compiled(x), f(x))
+    pieces = [p for p in hpuopt.explain().pieces if p.captured]
+    assert any(p.padding.startswith("pads") for p in pieces)
