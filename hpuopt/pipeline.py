@@ -21,12 +21,22 @@ from hpuopt.errors import PassError
 from hpuopt.passes.base import GraphPass, PassResult, Stage
 from hpuopt.passes.buckets import BucketPlanPass
 from hpuopt.passes.cleanup import CleanupPass
+from hpuopt.passes.fused_adam import FusedAdamPass
+from hpuopt.passes.fused_clip_norm import FusedClipNormPass
 from hpuopt.passes.mark_step import MarkStepPass
 from hpuopt.passes.split import SplitPass
 
 log = logging.getLogger(__name__)
 
-PRE_AOT: tuple[GraphPass, ...] = ()
+PRE_AOT: tuple[GraphPass, ...] = (
+    # Both rewrites must see a whole optimizer step or clip, so they run before AOTAutograd
+    # and before the split. Clip first: torch traces clip_grad_norm_ and opt.step() as separate
+    # graphs, but a user's own step function may hold both.
+    FusedClipNormPass(),
+    # functional=True: every graph goes through AOTAutograd, whose functionalisation rejects
+    # the in-place fused kernel; the out-of-place form plus copies back survives it.
+    FusedAdamPass(functional=True),
+)
 
 POST_AOT: tuple[GraphPass, ...] = (
     # The split comes first among the ATen passes: every later pass works per piece.

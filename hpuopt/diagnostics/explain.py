@@ -112,6 +112,10 @@ class GraphReport:
     index: int
     num_nodes: int
     aot_graphs: tuple[AotGraphReport, ...]
+    rewrites: tuple[str, ...] = ()
+    """The pre-AOT passes that changed this graph (``fused_adam``, ``fused_clip_norm``...)."""
+    findings: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    """Each pre-AOT pass's findings: rewrites done and candidates skipped, with reasons."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +145,8 @@ def explain(session: Session | None = None) -> ExplainReport:
             pieces = tuple(_piece_report(p) for p in a.pieces)
             steps = tuple(m.reason for m in a.findings.get("mark_step", ()))
             aots.append(AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes), steps))
-        graphs.append(GraphReport(g.index, g.num_nodes, tuple(aots)))
+        rewrites = tuple(name for name, changed in g.pre_aot.items() if changed)
+        graphs.append(GraphReport(g.index, g.num_nodes, tuple(aots), rewrites, dict(g.findings)))
     return ExplainReport(tuple(graphs), counters.snapshot())
 
 
@@ -173,6 +178,12 @@ def render(report: ExplainReport) -> str:
     lines = [f"hpuopt: {len(report.graphs)} Dynamo graph(s)"]
     for g in report.graphs:
         lines.append(f"graph {g.index}: {g.num_nodes} nodes")
+        if g.rewrites:
+            lines.append(f"  rewritten by: {', '.join(g.rewrites)}")
+        for name, found in g.findings.items():
+            for f in found:
+                if type(f).__name__ == "RewriteSkipped":
+                    lines.append(f"  {name} skipped: {f}")
         for a in g.aot_graphs:
             static = sum(p.captured for p in a.pieces)
             lines.append(

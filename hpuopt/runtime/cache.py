@@ -153,6 +153,9 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
     return out
 
 
+_MOVES_BEFORE_COPY = 2
+"""A stable input that changed address this many times is copied each call instead."""
+
 ABOVE_LARGEST = object()
 """Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
 
@@ -304,6 +307,25 @@ class PieceRunner:
         self.evictions = 0
         self._clone = config.clone_outputs
         self._saw_args = False
+        self._moves: dict[int, int] = {}
+
+    def _demote(self, indices: Sequence[int]) -> None:
+        """Copies these arguments each call from now on instead of reading them in place.
+
+        Dynamo marks some inputs static that move every step (gradients, which ``zero_grad()``
+        reallocates); capturing again on every call would be far slower than one copy each.
+        """
+        log.info("%s: arguments %s keep moving; copying them each call", self.name, indices)
+        plan, moving = self.plan, set(indices)
+        self.plan = dataclasses.replace(
+            plan,
+            stable=tuple(i for i in plan.stable if i not in moving),
+            copied=tuple(sorted({*plan.copied, *moving})),
+            mutated_copied=tuple(sorted({*plan.mutated_copied, *(moving & set(plan.mutated))})),
+        )
+        if self.padder is not None:
+            self.padder.copied = self.plan.copied
+        self.clear()
 
     def _adopt_parameters(self, args: Sequence[Any]) -> None:
         """Treats arguments that are ``nn.Parameter`` objects as stable from the first call on.
@@ -342,9 +364,10 @@ class PieceRunner:
         if isinstance(entry, str):  # this signature falls back to running uncaptured
             counters.uncaptured_runs += 1
             return self.gm(*args)
+        ptrs = entry.ptrs
         for slot, i in enumerate(self.plan.stable):
-            if args[i].data_ptr() != entry.ptrs[slot]:
-                entry = self._recapture(key, args, i)
+            if args[i].data_ptr() != ptrs[slot]:
+                entry = self._recapture(key, args, entry)
                 if entry.graph.executed:
                     return self._finish(entry, args)
                 break
@@ -377,9 +400,10 @@ class PieceRunner:
         if isinstance(entry, str):
             counters.uncaptured_runs += 1
             return self.gm(*args)
+        ptrs = entry.ptrs
         for slot, i in enumerate(self.plan.stable):
-            if args[i].data_ptr() != entry.ptrs[slot]:
-                entry = self._recapture(key, args, i, sizes)
+            if args[i].data_ptr() != ptrs[slot]:
+                entry = self._recapture(key, args, entry, sizes)
                 break
         padder.load(entry.inputs, args, sizes)
         if not (entry.graph.executed and entry.fresh):
@@ -427,11 +451,18 @@ class PieceRunner:
         return entry
 
     def _recapture(
-        self, key: tuple, args: Sequence[Any], index: int, sizes: dict | None = None
+        self, key: tuple, args: Sequence[Any], stale: _Entry, sizes: dict | None = None
     ) -> _Entry:
-        log.info("%s: argument %d changed address; capturing again", self.name, index)
+        moved = [i for slot, i in enumerate(self.plan.stable)
+                 if args[i].data_ptr() != stale.ptrs[slot]]
+        log.info("%s: arguments %s changed address; capturing again", self.name, moved)
         counters.recaptures += 1
         self._release(self.entries.pop(key))
+        for i in moved:
+            self._moves[i] = self._moves.get(i, 0) + 1
+        demote = [i for i in moved if self._moves[i] >= _MOVES_BEFORE_COPY]
+        if demote:  # the key is unchanged: only keyed arguments are in it
+            self._demote(demote)
         entry = self._capture(key, args, sizes)
         self.entries[key] = entry
         if isinstance(entry, str):  # pragma: no cover - a capture that worked once fails now
