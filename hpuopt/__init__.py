@@ -9,6 +9,14 @@ from hpuopt.backend import hpugraph_backend
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import Counters, counters
 from hpuopt.diagnostics.explain import ExplainReport
+from hpuopt.optin import (
+    GraphedForward,
+    ModuleCacher,
+    is_wrapped,
+    unwrap,
+    wrap_in_hpu_graph,
+    wrap_submodules,
+)
 from hpuopt.errors import (
     CaptureError,
     ConfigError,
@@ -28,12 +36,18 @@ __all__ = [
     "Counters",
     "ExplainReport",
     "FallbackError",
+    "GraphedForward",
     "HpuoptError",
     "InputError",
+    "ModuleCacher",
     "PassError",
     "compile",
     "counters",
     "explain",
     "hpugraph_backend",
+    "is_wrapped",
     "reset",
+    "unwrap",
+    "wrap_in_hpu_graph",
+    "wrap_submodules",
 ]

@@ -99,7 +99,7 @@ class CompiledModel(torch.nn.Module):
 
     def clear(self) -> None:
         """Drops every captured graph of this model (they are captured again on demand)."""
-        self.session.clear()
+        self.session.release_graphs()
 
 
 def compile(  # noqa: A001 - mirrors torch.compile

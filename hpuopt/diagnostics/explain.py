@@ -60,13 +60,17 @@ class Session:
             if record in self.graphs:
                 self.graphs.remove(record)
 
-    def clear(self) -> None:
-        """Drops the records and every captured graph they hold."""
+    def release_graphs(self) -> None:
+        """Drops every captured graph; the pieces capture again on demand, records stay."""
         for g in self.graphs:
             for a in g.aot_graphs:
                 for p in a.pieces:
                     if p.runner is not None:
                         p.runner.clear()
+
+    def clear(self) -> None:
+        """Drops every captured graph and forgets the records."""
+        self.release_graphs()
         self.graphs.clear()
 
 
