@@ -14,6 +14,7 @@ Dynamo hands :func:`hpugraph_backend` one FX graph with example inputs. The back
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -153,9 +154,13 @@ def compile_aot_graph(
         runtime.name,
     )
     forward = _eager_forward(split_gm)
+    # One call at a time per graph: a piece's output buffers stay live until the next piece
+    # has copied them, so concurrent callers must not interleave anywhere inside the graph.
+    lock = threading.Lock()
 
     def run(args: list[Any]) -> Any:
-        return forward(*args)
+        with lock:
+            return forward(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run

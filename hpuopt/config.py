@@ -34,6 +34,9 @@ class Config:
         capture: Capture static pieces at all. ``False`` runs every piece as is (useful to
             bisect a wrong result to capture versus splitting).
         max_graphs: Captured graphs kept per piece (least recently used are evicted).
+        max_graph_bytes: Bytes of captured graphs (their static buffers and, on devices that
+            report it, their pool allocations) kept per piece; least recently used graphs are
+            evicted past it, so their memory goes back. 0 means no bound.
         warmup_runs: Eager runs of a piece before it is captured (lazy initialisation, autotuning
             and allocator warm-up happen outside the graph).
         padding: Pad dynamic dimensions up to a bucket where the padding analysis proves the
@@ -65,6 +68,7 @@ class Config:
     runtime: RuntimeName = "auto"
     capture: bool = True
     max_graphs: int = 64
+    max_graph_bytes: int = 0
     warmup_runs: int = 1
     padding: bool = True
     bucket_sizes: tuple[int, ...] = ()
@@ -87,6 +91,8 @@ class Config:
             )
         if self.max_graphs < 1:
             raise ConfigError(f"max_graphs must be at least 1, got {self.max_graphs}")
+        if self.max_graph_bytes < 0:
+            raise ConfigError(f"max_graph_bytes must be at least 0, got {self.max_graph_bytes}")
         if self.warmup_runs < 0:
             raise ConfigError(f"warmup_runs must be at least 0, got {self.warmup_runs}")
         if list(self.bucket_sizes) != sorted(set(self.bucket_sizes)) or any(

@@ -374,7 +374,10 @@ class PieceRunner:
         inputs = entry.inputs
         for i in self.plan.copied:
             inputs[i].copy_(args[i], non_blocking=True)
-        entry.graph.replay()
+        try:
+            entry.graph.replay()
+        except Exception as exc:
+            return self._replay_failed(key, args, exc)
         self.replays += 1
         counters.replays += 1
         return self._finish(entry, args)
@@ -407,7 +410,10 @@ class PieceRunner:
                 break
         padder.load(entry.inputs, args, sizes)
         if not (entry.graph.executed and entry.fresh):
-            entry.graph.replay()
+            try:
+                entry.graph.replay()
+            except Exception as exc:
+                return self._replay_failed(key, args, exc)
             self.replays += 1
             counters.replays += 1
         entry.fresh = False
@@ -443,7 +449,10 @@ class PieceRunner:
         counters.cache_misses += 1
         entry = self._capture(key, args, sizes)
         self.entries[key] = entry
-        if len(self.entries) > self.config.max_graphs:
+        budget = self.config.max_graph_bytes
+        while len(self.entries) > 1 and (
+            len(self.entries) > self.config.max_graphs or (budget and self.held_bytes() > budget)
+        ):
             _, old = self.entries.popitem(last=False)
             self._release(old)
             self.evictions += 1
@@ -509,6 +518,17 @@ class PieceRunner:
         if self.single_output:
             return lambda *a: [forward(*a)]
         return lambda *a: list(forward(*a))
+
+    def _replay_failed(self, key: tuple, args: Sequence[Any], exc: Exception) -> Any:
+        """A replay raised: drop that graph, mark the signature uncaptured, and answer this call
+        by running the piece as is (its inputs are the caller's, untouched by the replay)."""
+        self._release(self.entries.pop(key, ""))
+        reason = f"replay failed: {type(exc).__name__}: {exc}"
+        if self.config.strict:
+            raise FallbackError(self.name, reason) from exc
+        self.entries[key] = self._fallback(key, reason)
+        counters.uncaptured_runs += 1
+        return self.gm(*args)
 
     def _fallback(self, key: tuple, reason: str) -> str:
         if self.config.strict:
