@@ -4,7 +4,7 @@
 is registered through the ``torch_dynamo_backends`` entry point).
 """
 
-from hpuopt.api import CompiledModel, compile, explain, reset
+from hpuopt.api import CompiledModel, compile, explain, reset, warmup
 from hpuopt.backend import hpugraph_backend
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import Counters, counters
@@ -49,5 +49,6 @@ __all__ = [
     "reset",
     "unwrap",
     "wrap_in_hpu_graph",
+    "warmup",
     "wrap_submodules",
 ]

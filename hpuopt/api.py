@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -120,6 +120,27 @@ def compile(  # noqa: A001 - mirrors torch.compile
     backend = functools.partial(hpugraph_backend, config=config, session=session)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     return CompiledModel(model, compiled, session)
+
+
+def warmup(model: Callable[..., Any], examples: Iterable[Any]) -> int:
+    """Calls ``model`` on each example, largest first, so every graph is captured before real
+    traffic and smaller buckets capture after (and can reuse memory of) larger ones.
+
+    ``examples`` holds one argument tuple per shape (or a single tensor). Runs under
+    ``torch.no_grad()``. Returns how many graphs were captured.
+    """
+    from hpuopt.diagnostics.counters import counters
+
+    calls = [ex if isinstance(ex, tuple) else (ex,) for ex in examples]
+
+    def size(args: tuple) -> int:
+        return sum(a.numel() for a in args if isinstance(a, torch.Tensor))
+
+    before = counters.graphs_captured
+    with torch.no_grad():
+        for args in sorted(calls, key=size, reverse=True):
+            model(*args)
+    return counters.graphs_captured - before
 
 
 def explain(model: Any = None) -> ExplainReport:

@@ -50,8 +50,10 @@ class Config:
             fraction (0.5: never more than double the real size).
         strict: Raise :class:`hpuopt.errors.FallbackError` instead of running a piece uncaptured.
         clone_outputs: Clone captured outputs that escape to the caller so a later replay cannot
-            change them. ``False`` returns the graph's own buffers (faster; a later replay
-            overwrites them).
+            change them. ``False`` returns the graph's own memory (faster; a later replay
+            overwrites it): an output still referenced when that happens is counted
+            (``counters.stale_outputs``) and warned about once, and on CUDA a later read of it
+            raises an error naming the piece.
         check_capture: While capturing on the CPU runtime, reject ops a device graph cannot hold
             (host reads, data-dependent shapes), so such bugs show up without a device.
         dynamic_ops: Extra op names to treat as dynamic (split out, never captured), e.g.

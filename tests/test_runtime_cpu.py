@@ -123,3 +123,54 @@ def test_explain_is_data_and_text(dynamic_op_flags):
         hpuopt.explain(torch.nn.Linear(2, 2))
     compiled.clear()
     assert all(not p.graphs for p in compiled.explain().pieces)
+
+
+def test_alias_mode_counts_outputs_overwritten_while_referenced():
+    lin = torch.nn.Linear(4, 4)
+    compiled = torch.compile(lin, backend="hpugraph", options={"clone_outputs": False})
+    with torch.no_grad():
+        x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+        out1 = compiled(x1)
+        torch.testing.assert_close(out1, lin(x1))
+        with pytest.warns(UserWarning, match="still referenced"):
+            out2 = compiled(x2)
+        assert hpuopt.counters.stale_outputs == 1
+        torch.testing.assert_close(out1, lin(x2))  # documented: the memory was overwritten
+        del out1, out2
+        compiled(x1)  # nothing handed out earlier is alive: no stale output
+        assert hpuopt.counters.stale_outputs == 1
+
+
+@pytest.mark.cuda
+def test_alias_mode_read_of_overwritten_output_raises_on_cuda():
+    lin = torch.nn.Linear(4, 4).cuda()
+    compiled = torch.compile(lin, backend="hpugraph", options={"clone_outputs": False})
+    with torch.no_grad():
+        out1 = compiled(torch.randn(2, 4, device="cuda"))
+        compiled(torch.randn(2, 4, device="cuda"))
+        with pytest.raises(RuntimeError, match="overwritten by a later call"):
+            out1 + 1
+
+
+def test_warmup_captures_declared_shapes_largest_first():
+    lin = torch.nn.Linear(8, 8)
+    compiled = hpuopt.compile(lin, dynamic=True, padding=False)
+    sizes = []
+    orig = hpuopt.runtime.cpu.CpuRuntime.capture
+
+    def spy(self, fn, static, *a, **k):
+        sizes.append(static[-1].shape[0] if static[-1].dim() else None)
+        return orig(self, fn, static, *a, **k)
+
+    hpuopt.runtime.cpu.CpuRuntime.capture = spy
+    try:
+        n = hpuopt.warmup(compiled, [torch.randn(b, 8) for b in (2, 16, 5)])
+    finally:
+        hpuopt.runtime.cpu.CpuRuntime.capture = orig
+    assert n == 3
+    assert [s for s in sizes if s is not None][:3] == sorted(
+        [s for s in sizes if s is not None][:3], reverse=True
+    )
+    with torch.no_grad(), hpuopt.counters.expect(graphs_captured=0):
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(compiled(x), lin(x))

@@ -33,6 +33,8 @@ class Counters:
     """Captures redone because a stable input (parameter, buffer) changed address."""
     fallbacks: int = 0
     """Keys whose capture failed, so the piece runs uncaptured for them."""
+    stale_outputs: int = 0
+    """Alias mode: outputs still referenced when a later replay overwrote them."""
     uncaptured_runs: int = 0
     """Runs of a static piece without a graph (fallbacks, ``capture=False``)."""
     capture_seconds: float = 0.0

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import weakref
 import logging
 import time
 import warnings
@@ -254,10 +255,11 @@ class Padder:
 class _Entry:
     """One captured graph with its per-call load/unload work precomputed."""
 
-    __slots__ = ("graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh")
+    __slots__ = ("graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh", "lent")
 
     def __init__(self, graph: CapturedGraph, plan: ArgPlan, escaping: Sequence[bool]) -> None:
         self.fresh = True  # not yet used: an executed capture already holds this call's result
+        self.lent: list[weakref.ref] = []  # alias mode: outputs handed out uncloned
         self.graph = graph
         self.inputs = graph.static_inputs
         self.outputs = graph.static_outputs
@@ -308,6 +310,7 @@ class PieceRunner:
         self._clone = config.clone_outputs
         self._saw_args = False
         self._moves: dict[int, int] = {}
+        self._warned_stale = False
 
     def _demote(self, indices: Sequence[int]) -> None:
         """Copies these arguments each call from now on instead of reading them in place.
@@ -374,6 +377,8 @@ class PieceRunner:
         inputs = entry.inputs
         for i in self.plan.copied:
             inputs[i].copy_(args[i], non_blocking=True)
+        if entry.lent:
+            self._retire_lent(entry)
         try:
             entry.graph.replay()
         except Exception as exc:
@@ -410,6 +415,8 @@ class PieceRunner:
                 break
         padder.load(entry.inputs, args, sizes)
         if not (entry.graph.executed and entry.fresh):
+            if entry.lent:
+                self._retire_lent(entry)
             try:
                 entry.graph.replay()
             except Exception as exc:
@@ -434,11 +441,33 @@ class PieceRunner:
         outs = entry.outputs
         if padder is not None:
             outs = padder.plan.slice_outputs(outs, args, inputs)
-        if self._clone and entry.escaping:
+        if entry.escaping:
             outs = list(outs)
-            for i in entry.escaping:
-                outs[i] = outs[i].clone()
+            if self._clone:
+                for i in entry.escaping:
+                    outs[i] = outs[i].clone()
+            else:
+                for i in entry.escaping:
+                    outs[i] = _lend(outs[i])
+                    entry.lent.append(weakref.ref(outs[i]))
         return outs[0] if self.single_output else tuple(outs)
+
+    def _retire_lent(self, entry: _Entry) -> None:
+        """Alias mode, just before a replay overwrites ``entry``'s outputs: every output handed
+        out earlier that is still referenced becomes stale (see :func:`_mark_stale`)."""
+        for ref in entry.lent:
+            t = ref()
+            if t is not None:
+                counters.stale_outputs += 1
+                _mark_stale(t, self.name)
+                if not self._warned_stale:
+                    self._warned_stale = True
+                    warnings.warn(
+                        f"hpuopt: {self.name} overwrites an output of an earlier call that is "
+                        "still referenced (clone_outputs=False); clone it to keep it",
+                        stacklevel=4,
+                    )
+        entry.lent.clear()
 
     # -- misses ---------------------------------------------------------------------------
 
@@ -589,6 +618,33 @@ def _describe_key(key: tuple) -> str:
         else:
             parts.append(repr(part))
     return "(" + ", ".join(parts) + ")" if parts else "(static)"
+
+
+def _lend(buf: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``buf``'s memory with a storage of its own (alias mode's output).
+
+    A separate storage lets a stale output be marked without touching the graph's buffer; the
+    buffer is kept alive by the lent tensor, so evicting the graph cannot leave it dangling.
+    """
+    storage = buf.untyped_storage()
+    own = torch._C._construct_storage_from_data_pointer(
+        storage.data_ptr(), buf.device, storage.nbytes()
+    )
+    out = torch.empty(0, dtype=buf.dtype, device=buf.device)
+    out.set_(own, buf.storage_offset(), buf.shape, buf.stride())
+    out._hpuopt_buffer = buf  # type: ignore[attr-defined]
+    return out
+
+
+def _mark_stale(t: torch.Tensor, piece: str) -> None:
+    """Makes a later read of ``t`` raise, where this torch build can (CUDA builds)."""
+    set_error = getattr(torch._C, "_set_storage_access_error_msg", None)
+    if set_error is not None:
+        set_error(
+            t,
+            f"hpuopt: this output of {piece} was overwritten by a later call "
+            "(clone_outputs=False); clone outputs you keep across calls",
+        )
 
 
 def _static_copy(t: torch.Tensor) -> torch.Tensor:
