@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 env: $(STAMP)
 
 demo: $(STAMP)
+	@$(PY) -c "import matplotlib" >/dev/null 2>&1 || $(PY) -m pip install -q matplotlib
 	$(PY) examples/demo.py
 
 test: $(STAMP)

@@ -5,7 +5,9 @@ it, the tokens with a positive score are kept with a boolean mask (``h[keep]`` â
 shape depends on the data, so no device graph can hold it), and an expert MLP runs on the kept
 tokens only. hpuopt splits the graph at the mask: the encoder and the expert are captured and
 replayed, the mask runs as is between them. The expert sees a different number of tokens on
-almost every call; each count gets its own captured graph (an LRU cache per piece).
+almost every call; the padding analysis proves its rows independent, so the counts share
+power-of-two buckets. The encoder piece also takes a mean over the batch, which padding would
+change, so it is captured per exact batch size; explain() says so.
 
     python examples/demo.py           # make demo
     python examples/demo.py --quick   # CI: fewer timing iterations
@@ -48,13 +50,44 @@ class TokenRouter(torch.nn.Module):
         h = self.norm(self.encoder(x) + x)             # static piece
         routed = h[self.keep(h)]                       # dynamic: as many rows as kept tokens
         y = self.expert(routed)                        # static piece, shape varies per call
-        pooled = h.mean(dim=0) + y.sum(dim=0) / x.shape[0]
+        pooled = h.mean(dim=0)                         # a mean over the batch: no padding
         return pooled, y
+
+
+def plot_times(rows: list[tuple[int, float, float]], path: Path) -> Path | None:
+    """Per-call time by batch size, eager against hpuopt, as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    batches = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(batches, [r[1] for r in rows], "o-", label="eager")
+    ax.plot(batches, [r[2] for r in rows], "s-", label="hpuopt (CPU runtime)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (tokens)")
+    ax.set_ylabel("per-call CPU time (us)")
+    ax.set_title("TokenRouter: time per call")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="hpuopt demo: a token router with a boolean mask")
     p.add_argument("--quick", action="store_true", help="fewer timing iterations (CI)")
+    p.add_argument(
+        "--plot",
+        default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "demo.png"),
+        help="where to write the per-call time plot (PNG)",
+    )
     args = p.parse_args(argv)
     repeats, number = (3, 10) if args.quick else (7, 50)
     started = time.perf_counter()
@@ -86,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Per-call time against eager, same inputs (their graphs are already captured).
     print()
     print(f"{'batch':>5}{'kept':>6}{'eager':>10}{'hpuopt':>10}{'ratio':>7}")
+    rows = []
     with torch.no_grad():
         for batch in batches:
             x = torch.randn(batch, 64)
@@ -96,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             e, h = t["eager"].cpu_median_s, t["hpuopt"].cpu_median_s
             print(f"{batch:>5}{kept:>6}{e * 1e6:>8.0f}us{h * 1e6:>8.0f}us{h / e:>7.2f}")
+            rows.append((batch, e * 1e6, h * 1e6))
     print(f"(per-call CPU-time medians, {repeats} repeats of {number} calls, 1 thread. On the CPU\n"
           f" runtime a replay re-runs the ops, so this shows hpuopt's own per-call cost, not a\n"
           f" device-graph speed-up; see benchmarks/overhead.py for where that cost goes)")
+    plot = plot_times(rows, Path(args.plot))
+    print(f"plot: {plot}" if plot else "plot: skipped (pip install matplotlib to draw it)")
     print(f"done in {time.perf_counter() - started:.1f}s")
     return 0
 

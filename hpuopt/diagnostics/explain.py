@@ -207,8 +207,7 @@ def render(report: ExplainReport) -> str:
                         lines.append(f"        runs uncaptured for some inputs: {reason}")
                 else:
                     lines.append(f"    [as is] {p.name}: {', '.join(_short(o) for o in p.ops)}")
-                    for reason in p.reasons:
-                        lines.append(f"        {reason}")
+                    lines.extend(_grouped_reasons(p.reasons))
             if a.mark_steps:
                 lines.append(f"    mark_step: {'; '.join(a.mark_steps)}")
     c = report.counters
@@ -219,6 +218,25 @@ def render(report: ExplainReport) -> str:
         + (f", pad waste {c.pad_waste:.0%}" if c.real_elements else "")
     )
     return "\n".join(lines)
+
+
+def _grouped_reasons(reasons: tuple[SplitReason, ...]) -> list[str]:
+    """One line per user source line: its first reason in full, the host-side helper nodes
+    that came with it (size reads, asserts) summed up."""
+    groups: dict[str | None, list[SplitReason]] = {}
+    for r in reasons:
+        groups.setdefault(r.source, []).append(r)
+    lines = []
+    for source, rs in groups.items():
+        main = next((r for r in rs if r.reason != "host_scalar"), rs[0])
+        lines.append(f"        {main.node} ({_short(main.op)}): {main.reason}: {main.detail}")
+        others = [r for r in rs if r is not main]
+        if others:
+            ops = ", ".join(dict.fromkeys(_short(r.op) for r in others))
+            lines.append(f"          with {len(others)} host-side node(s): {ops}")
+        if source:
+            lines.append(f"          at {source}")
+    return lines
 
 
 def _short(op: str) -> str:
