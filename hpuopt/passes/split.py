@@ -19,6 +19,9 @@ What it finds
                                   data-dependent float/bool (its value would be baked into a
                                   capture)
     ``host_tensor``               a CPU tensor op inside a graph that runs on an accelerator
+    ``collective``                a collective (``_c10d_functional``, ``c10d``): it must run
+                                  exactly once per call, in step with the other ranks, so the
+                                  warm-up and capture runs of a piece may not repeat it
     ``known_uncapturable``        in :data:`UNCAPTURABLE_OPS` or the user's ``dynamic_ops``
     ============================  ===========================================================
 
@@ -66,6 +69,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 Reason = Literal[
+    "collective",
     "data_dependent_shape",
     "host_read",
     "device_copy",
@@ -104,6 +108,8 @@ _CHECK_OPS = frozenset(
         aten.sym_constrain_range_for_size,
     }
 )
+
+_COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d", "_dtensor"})
 
 _HOST_READ_OPS = frozenset({aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal})
 
@@ -147,6 +153,7 @@ class SplitPass(GraphPass):
         extra = _parse_op_names(config.dynamic_ops)
         reasons = classify(gm, extra_dynamic=extra)
         assignment = assign_partitions(gm, reasons)
+        rematerialize_input_views(gm, assignment)
         split_gm, pieces = build_pieces(gm, assignment, reasons)
         modified = len(pieces) > 1 or any(not p.static for p in pieces)
         return PassResult(split_gm, modified, tuple(pieces))
@@ -187,6 +194,8 @@ def _classify_node(
         return "known_uncapturable", "listed in the config's dynamic_ops"
     if packet in _HOST_READ_OPS:
         return "host_read", "reads a device value back to the host"
+    if getattr(target, "namespace", None) in _COLLECTIVE_NAMESPACES:
+        return "collective", "a collective runs once per call, in step with the other ranks"
     if node.meta.get("unbacked_bindings"):
         syms = ", ".join(sorted(str(s) for s in node.meta["unbacked_bindings"]))
         return "data_dependent_shape", f"output size or value depends on data ({syms})"
@@ -276,6 +285,81 @@ def assign_partitions(
         if impure:
             floor = lo
     return part
+
+
+# Metadata-only ops: recomputing them costs nothing and moves no data.
+_VIEW_OPS = frozenset(
+    {
+        aten.t,
+        aten.view,
+        aten._unsafe_view,
+        aten.permute,
+        aten.transpose,
+        aten.expand,
+        aten.unsqueeze,
+        aten.squeeze,
+        aten.alias,
+        aten.slice,
+        aten.select,
+    }
+)
+
+
+def _input_view(node: torch.fx.Node) -> bool:
+    """A chain of view ops over graph inputs only (``aten.t(weight)`` and the like)."""
+    if node.op == "placeholder":
+        return True
+    if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in _VIEW_OPS:
+        return False
+    return all(_input_view(i) for i in node.all_input_nodes)
+
+
+def rematerialize_input_views(
+    gm: torch.fx.GraphModule, assignment: dict[torch.fx.Node, int]
+) -> int:
+    """Gives every piece its own copy of the views of graph inputs it uses.
+
+    A view of a parameter computed in one piece and used in a later one would cross the
+    boundary as an ordinary activation: copied into a static buffer on every call (a weight's
+    worth of memory traffic) and held again by every captured graph. Recomputing the view where
+    it is used costs nothing and keeps the parameter itself the piece's (stable) input.
+    Returns how many uses were rewired.
+    """
+    rewired = 0
+    for node in list(gm.graph.nodes):
+        if node not in assignment or node.op == "placeholder" or not _input_view(node):
+            continue
+        copies: dict[int, torch.fx.Node] = {}
+        for user in list(node.users):
+            pid = assignment.get(user)
+            if pid is None or pid == assignment[node]:
+                continue
+            if pid not in copies:
+                copies[pid] = _copy_chain(gm, node, user, pid, assignment)
+            user.replace_input_with(node, copies[pid])
+            rewired += 1
+        if not node.users:
+            gm.graph.erase_node(node)
+            del assignment[node]
+    if rewired:
+        gm.recompile()
+    return rewired
+
+
+def _copy_chain(
+    gm: torch.fx.GraphModule,
+    node: torch.fx.Node,
+    before: torch.fx.Node,
+    pid: int,
+    assignment: dict[torch.fx.Node, int],
+) -> torch.fx.Node:
+    if node.op == "placeholder":
+        return node
+    args = {i: _copy_chain(gm, i, before, pid, assignment) for i in node.all_input_nodes}
+    with gm.graph.inserting_before(before):
+        new = gm.graph.node_copy(node, lambda n: args[n])
+    assignment[new] = pid
+    return new
 
 
 def build_pieces(

@@ -199,3 +199,41 @@ def test_split_keeps_symbolic_sizes_across_pieces():
         x = torch.randn(9)
         torch.testing.assert_close(result.graph_module(x), gm(x))
     assert count_ops(result.graph_module, operator.getitem) >= 0  # the split graph is countable
+
+
+def test_views_of_inputs_are_recomputed_in_each_piece_not_passed_across():
+    """w.t() computed before the dynamic op and used after it must not cross as an activation:
+    the later piece takes ``w`` itself (a stable parameter) and transposes it again."""
+
+    def f(x, w):
+        wt = w.t()
+        h = x @ wt
+        kept = h[h.sum(-1) > 0]
+        return kept @ wt
+
+    gm = aten_graph(f, torch.randn(6, 4), torch.randn(4, 4), tracing_mode="symbolic")
+    result = _run_split(gm)
+    split_gm = result.graph_module
+    w_node = [n for n in split_gm.graph.nodes if n.op == "placeholder"][1]
+    last = [n for n in split_gm.graph.nodes if n.op == "call_module"][-1]
+    assert w_node in last.args  # the parameter itself, not a transposed activation
+    sub = split_gm._modules[last.target]
+    assert count_ops(sub, aten.t) == 1
+    for _ in range(3):
+        x, w = torch.randn(6, 4), torch.randn(4, 4)
+        torch.testing.assert_close(split_gm(x, w), gm(x, w))
+
+
+def test_collectives_are_split_out():
+    """A collective must run exactly once per call in step with the other ranks: never inside
+    a captured piece, whose warm-up and capture runs would repeat it."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(aten.relu.default, (x,))
+    ar = g.call_function(torch.ops._c10d_functional.all_reduce.default, (y, "sum", "0"))
+    w = g.call_function(torch.ops._c10d_functional.wait_tensor.default, (ar,))
+    g.output((g.call_function(aten.mul.Tensor, (w, 2.0)),))
+    gm = torch.fx.GraphModule({}, g)
+    reasons = classify(gm)
+    assert {r.reason for r in reasons.values()} == {"collective"}
+    assert {n.name for n in reasons} == {ar.name, w.name}
