@@ -1,0 +1,70 @@
+"""Every example runs in its ``--short`` mode and exits 0 (each asserts its results equal eager).
+
+The examples are separate processes (a fresh Dynamo, as a user would run them). They are all
+started at once when the first test needs them, so their imports and compilations overlap; each
+test then waits for its own and reports its output on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+# demo.py has its own --quick mode and is run by `make demo`.
+NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py") if p.stem != "demo" and not p.stem.startswith("_"))
+TIMEOUT_S = 300
+
+
+def test_the_documented_examples_exist():
+    expected = {"mnist_training", "inference_pipelining", "dynamic_model", "denoising_loop", "custom_pass"}
+    assert expected <= set(NAMES), sorted(expected - set(NAMES))
+
+
+@pytest.fixture(scope="module")
+def launched():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    for key in [k for k in env if k.startswith("HPUOPT_")]:
+        del env[key]  # examples run with the defaults (and HPUOPT_TEST_SLOW is no option)
+    procs = {
+        name: (
+            subprocess.Popen(
+                [sys.executable, str(EXAMPLES / f"{name}.py"), "--short"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+            time.perf_counter(),
+        )
+        for name in NAMES
+    }
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_short_mode(launched, name):
+    proc, started = launched[name]
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        pytest.fail(f"examples/{name}.py --short ran past {TIMEOUT_S}s:\n{output[-4000:]}")
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, (
+        f"examples/{name}.py --short exited {proc.returncode} after {seconds:.1f}s:\n{output[-6000:]}"
+    )
+    assert output.strip(), f"examples/{name}.py --short printed nothing"
