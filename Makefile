@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
-	HPUOPT_TEST_SLOW=1 $(PY) -m pytest -q
+	RUN_SLOW_TESTS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

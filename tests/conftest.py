@@ -13,11 +13,11 @@ import hpuopt
 
 
 def pytest_collection_modifyitems(config, items):
-    run_slow = os.environ.get("HPUOPT_TEST_SLOW") == "1"
+    run_slow = os.environ.get("RUN_SLOW_TESTS") == "1"
     has_cuda = torch.cuda.is_available()
     for item in items:
         if "slow" in item.keywords and not run_slow:
-            item.add_marker(pytest.mark.skip(reason="slow: set HPUOPT_TEST_SLOW=1"))
+            item.add_marker(pytest.mark.skip(reason="slow: set RUN_SLOW_TESTS=1 (make test-all)"))
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 

@@ -31,7 +31,7 @@ PASS_DIR = ROOT / "docs" / "passes"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 
 # Environment variables of the project that are not options (the test suite's own switch).
-NON_OPTION_VARIABLES = {"HPUOPT_TEST_SLOW"}
+NON_OPTION_VARIABLES: set[str] = set()
 # Keyword arguments of option-taking calls that are not hpuopt options.
 NON_OPTION_KEYWORDS = {
     "compile": {"dynamic", "fullgraph", "backend", "mode", "options", "disable"},

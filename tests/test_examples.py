@@ -32,7 +32,7 @@ def launched():
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     for key in [k for k in env if k.startswith("HPUOPT_")]:
-        del env[key]  # examples run with the defaults (and HPUOPT_TEST_SLOW is no option)
+        del env[key]  # examples run with the defaults
     procs = {
         name: (
             subprocess.Popen(

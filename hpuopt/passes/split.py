@@ -109,6 +109,18 @@ _CHECK_OPS = frozenset(
     }
 )
 
+_MASK_INDEX_OPS = frozenset({aten.index, aten.index_put, aten.index_put_, aten._unsafe_index_put})
+
+
+def _has_bool_index(node: torch.fx.Node) -> bool:
+    indices = node.args[1] if len(node.args) > 1 else ()
+    for idx in indices or ():
+        val = idx.meta.get("val") if isinstance(idx, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8):
+            return True
+    return False
+
+
 _COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d", "_dtensor"})
 
 _HOST_READ_OPS = frozenset({aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal})
@@ -201,6 +213,8 @@ def _classify_node(
         return "data_dependent_shape", f"output size or value depends on data ({syms})"
     if packet in UNCAPTURABLE_OPS:
         return "known_uncapturable", "op cannot be held by a device graph"
+    if packet in _MASK_INDEX_OPS and _has_bool_index(node):
+        return "data_dependent_shape", "indexing with a boolean mask finds its rows on the host"
     val = node.meta.get("val")
     in_vals = [n.meta.get("val") for n in node.all_input_nodes]
     if _crosses_devices(val, in_vals):
@@ -389,8 +403,9 @@ def build_pieces(
         k = int(node.target.rsplit("_", 1)[1])
         nodes = members.get(k, [])
         static = not any(n in dynamic for n in nodes)
-        if any(has_side_effect(n) for n in nodes):
-            # the stitching graph's dead-code elimination asks the module (Node.is_impure)
+        if any(n.is_impure() for n in nodes):
+            # the stitching graph's dead-code elimination asks the module (Node.is_impure):
+            # writes and host asserts must run even when nothing reads the piece's outputs
             split_gm._modules[node.target]._is_impure = True
         info = PieceInfo(
             name=node.target,

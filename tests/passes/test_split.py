@@ -237,3 +237,36 @@ def test_collectives_are_split_out():
     reasons = classify(gm)
     assert {r.reason for r in reasons.values()} == {"collective"}
     assert {n.name for n in reasons} == {ar.name, w.name}
+
+
+def test_masked_assignment_is_split_out():
+    def f(x):
+        y = torch.sin(x)
+        y[y < 0] = 0.0
+        return y * 2
+
+    gm = aten_graph(f, torch.randn(5, 3), tracing_mode="symbolic")
+    ops = [r.op for r in classify(gm).values()]
+    assert len(ops) == 1 and ops[0].startswith("aten.index_put")
+    result = _run_split(gm)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(result.graph_module(x), f(x.clone()))
+
+
+def test_assert_only_piece_survives_cleanup(dynamic_op_flags):
+    """A piece holding only host asserts is impure: dead-code elimination keeps it."""
+    from hpuopt.passes.mark_step import mark_step
+    from hpuopt.testing import RecordingBackend
+
+    lin = torch.nn.Linear(4, 4)
+
+    def f(x):
+        t = lin(x)
+        return torch.relu(t[torch.where(t > 0)])
+
+    backend = RecordingBackend()
+    torch.compile(f, backend=backend)(torch.randn(3, 4)).sum().backward()
+    (bwd,) = backend.graphs("post_aot", kind="backward")
+    nodes = list(bwd.after.graph.nodes)
+    for a, b in zip(nodes, nodes[1:]):  # no two boundaries back to back
+        assert not (a.target is mark_step and b.target is mark_step), bwd.after.code
