@@ -88,7 +88,8 @@ LR = 1e-3
 WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.01}
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # the optimizer options of the compiled rows (--compiled-opt); "default" is what a user writes
-COMPILED_OPT: dict[str, dict[str, Any]] = {"default": {}, "foreach": {"foreach": True}}
+COMPILED_OPT: dict[str, dict[str, Any]] = {
+    "default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 # -- guard filters ----------------------------------------------------------------------------
@@ -702,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-inductor", action="store_true")
     p.add_argument("--compiled-opt", choices=sorted(COMPILED_OPT), default="default",
                    help="optimizer options of the compiled rows (default: Adam() as is, which "
-                        "on the CPU is the for-loop; foreach: Adam(foreach=True))")
+                        "on the CPU is the for-loop; foreach: Adam(foreach=True); fused: "
+                        "Adam(fused=True))")
     p.add_argument("--compile-budget", type=float, default=120.0,
                    help="CPU seconds the inductor row's first call may take before it is "
                         "recorded as a timeout (wall: 3x that)")
