@@ -24,6 +24,7 @@ from hpuopt.passes.cleanup import CleanupPass
 from hpuopt.passes.fused_adam import FusedAdamPass
 from hpuopt.passes.fused_clip_norm import FusedClipNormPass
 from hpuopt.passes.mark_step import MarkStepPass
+from hpuopt.passes.reinplace import ReinplacePass
 from hpuopt.passes.split import SplitPass
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ PRE_AOT: tuple[GraphPass, ...] = (
 )
 
 POST_AOT: tuple[GraphPass, ...] = (
-    # The split comes first among the ATen passes: every later pass works per piece.
+    # Before the split: functionalisation turned in-place optimizer kernels into functional ops
+    # plus a copy per tensor; undo that while the whole update is still one graph.
+    ReinplacePass(),
+    # The split comes before every pass that works per piece.
     SplitPass(),
     # Per static piece: which dynamic dims may be padded to a bucket (reads the pieces' graphs).
     BucketPlanPass(),

@@ -144,8 +144,11 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
             continue
         for arg_schema, arg in zip(schema.arguments, node.args):
             writes = arg_schema.alias_info is not None and arg_schema.alias_info.is_write
-            if writes and isinstance(arg, torch.fx.Node) and arg in base_of:
-                out.add(base_of[arg])
+            if not writes:
+                continue
+            for a in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor(a!)[] too
+                if isinstance(a, torch.fx.Node) and a in base_of:
+                    out.add(base_of[a])
         if not schema.is_mutable:
             # views keep pointing at their base, so writes through them count
             for arg_schema, arg in zip(schema.arguments, node.args):
@@ -255,7 +258,9 @@ class Padder:
 class _Entry:
     """One captured graph with its per-call load/unload work precomputed."""
 
-    __slots__ = ("graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh", "lent")
+    __slots__ = (
+        "graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh", "lent", "copy_targets"
+    )
 
     def __init__(self, graph: CapturedGraph, plan: ArgPlan, escaping: Sequence[bool]) -> None:
         self.fresh = True  # not yet used: an executed capture already holds this call's result
@@ -265,6 +270,7 @@ class _Entry:
         self.outputs = graph.static_outputs
         self.plan = plan
         self.ptrs = [graph.static_inputs[i].data_ptr() for i in plan.stable]
+        self.copy_targets = [graph.static_inputs[i] for i in plan.copied]
         self.escaping = [
             i for i, (e, o) in enumerate(zip(escaping, self.outputs)) if e and isinstance(o, torch.Tensor)
         ]
@@ -374,9 +380,11 @@ class PieceRunner:
                 if entry.graph.executed:
                     return self._finish(entry, args)
                 break
-        inputs = entry.inputs
-        for i in self.plan.copied:
-            inputs[i].copy_(args[i], non_blocking=True)
+        copied = self.plan.copied
+        if len(copied) > 1:  # one multi-tensor copy instead of a launch per input
+            torch._foreach_copy_(entry.copy_targets, [args[i] for i in copied], non_blocking=True)
+        elif copied:
+            entry.inputs[copied[0]].copy_(args[copied[0]], non_blocking=True)
         if entry.lent:
             self._retire_lent(entry)
         try:
@@ -436,8 +444,11 @@ class PieceRunner:
     def _finish(self, entry: _Entry, args: Sequence[Any], padder: Padder | None = None) -> Any:
         """Writes mutated inputs back to the caller's tensors and hands out the outputs."""
         inputs = entry.inputs
-        for i in self.plan.mutated_copied:
-            args[i].copy_(inputs[i])
+        back = self.plan.mutated_copied
+        if len(back) > 1:
+            torch._foreach_copy_([args[i] for i in back], [inputs[i] for i in back])
+        elif back:
+            args[back[0]].copy_(inputs[back[0]])
         outs = entry.outputs
         if padder is not None:
             outs = padder.plan.slice_outputs(outs, args, inputs)
