@@ -35,6 +35,8 @@ class CapturedGraph:
     nbytes: int = 0
     capture_seconds: float = 0.0
     executed: bool = False
+    aliases: tuple[OutputAlias, ...] = ()
+    """Outputs that are views of inputs (see :class:`OutputAlias`)."""
 
 
 @runtime_checkable
@@ -83,13 +85,71 @@ def tensor_nbytes(values: Sequence[Any]) -> int:
 
 
 def empty_like_exact(t: torch.Tensor) -> torch.Tensor:
-    """A new tensor with ``t``'s shape, strides, dtype and device (a dense copy if overlapping)."""
-    if t._is_view() or not t.is_contiguous():
-        try:
-            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-        except RuntimeError:
-            pass
-    return torch.empty_like(t)
+    """A new tensor with ``t``'s shape, strides, dtype and device.
+
+    Broadcast (stride-0) dimensions are kept: write it through :func:`writable`. A layout
+    that overlaps in any other way gets a dense buffer (same values, other strides).
+    """
+    if t.is_contiguous():
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    try:
+        buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    except RuntimeError:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    if torch._debug_has_internal_overlap(writable(buf)) != 0:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return buf
+
+
+def writable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast dims (stride 0, size > 1 narrowed to 1): a view that can be
+    the target or source of ``copy_`` when ``t`` is an expanded tensor."""
+    if 0 not in t.stride():
+        return t
+    for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if stride == 0 and size > 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> None:
+    """``dst.copy_(src)`` that also works when both are expanded the same way."""
+    if 0 in dst.stride():
+        dst, src = writable(dst), writable(src)
+    dst.copy_(src, non_blocking=non_blocking)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputAlias:
+    """Output ``output`` is a view of input ``input``: replay it as this view of the caller's
+    tensor, not as a copy (the caller's writes must show through, as in eager)."""
+
+    output: int
+    input: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # storage offset relative to the input's
+
+    def regenerate(self, args: Sequence[Any]) -> torch.Tensor:
+        base = args[self.input]
+        return base.as_strided(self.size, self.stride, base.storage_offset() + self.offset)
+
+
+def find_output_aliases(outputs: Sequence[Any], inputs: Sequence[Any]) -> tuple[OutputAlias, ...]:
+    """The outputs that share storage with an input (views the graph returns)."""
+    by_storage: dict[int, int] = {}
+    for j, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor) and t.numel():
+            by_storage.setdefault(t.untyped_storage().data_ptr(), j)
+    found = []
+    for i, o in enumerate(outputs):
+        if not isinstance(o, torch.Tensor) or not o.numel():
+            continue
+        j = by_storage.get(o.untyped_storage().data_ptr())
+        if j is not None:
+            rel = o.storage_offset() - inputs[j].storage_offset()
+            found.append(OutputAlias(i, j, tuple(o.shape), tuple(o.stride()), rel))
+    return tuple(found)
 
 
 _aten = torch.ops.aten

@@ -71,7 +71,13 @@ from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
 from hpuopt.errors import CaptureError, FallbackError
 from hpuopt.passes.padding import PaddingPlan, PadSource
-from hpuopt.runtime.base import CapturedGraph, Runtime, empty_like_exact, tensor_nbytes
+from hpuopt.runtime.base import (
+    CapturedGraph,
+    Runtime,
+    copy_into,
+    empty_like_exact,
+    tensor_nbytes,
+)
 from hpuopt.runtime.buckets import BucketPolicy
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,9 @@ class ArgPlan:
     """Mutated arguments that have a static copy: written back to the caller after a run."""
     unsupported: str | None = None
     """Why this piece cannot be captured at all (an argument a signature cannot describe)."""
+    full_storage: tuple[int, ...] = ()
+    """Arguments the piece reads through ``as_strided`` (possibly beyond the view's own
+    elements): their whole storage is copied, and its size is part of the key."""
 
 
 def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
@@ -113,7 +122,10 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
             unsupported = f"argument {node.name} is a container ({type(val).__name__})"
         elif val is None or isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             keyed.append(i)  # unknown or symbolic: let its runtime value into the key
+    full = tuple(sorted(_as_strided_inputs(gm) & set(copied)))
+    keyed.extend(i for i in full if i not in keyed)
     return ArgPlan(
+        full_storage=full,
         tensor=tuple(tensor),
         copied=tuple(copied),
         stable=tuple(stable_idx),
@@ -129,6 +141,28 @@ def _symbolic_tensor(val: torch.Tensor) -> bool:
         return bool(free_symbols(val))
     except (TypeError, AttributeError):  # metadata without a shape env
         return True
+
+
+def _as_strided_inputs(gm: torch.fx.GraphModule) -> set[int]:
+    """Placeholders that reach an ``as_strided`` through views."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    base_of = {n: i for i, n in enumerate(placeholders)}
+    out: set[int] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "overloadpacket", None)
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or src not in base_of:
+            continue
+        if packet in (torch.ops.aten.as_strided, torch.ops.aten.as_strided_):
+            out.add(base_of[src])
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and not schema.is_mutable and schema.returns and (
+            schema.returns[0].alias_info is not None
+        ):
+            base_of[node] = base_of[src]
+    return out
 
 
 def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
@@ -244,7 +278,7 @@ class Padder:
                 real_elems += n
                 pad_elems += buf.numel() - n
             else:
-                inputs[i].copy_(args[i], non_blocking=True)
+                copy_into(inputs[i], args[i], non_blocking=True)
         counters.real_elements += real_elems
         counters.padded_elements += pad_elems
 
@@ -259,7 +293,8 @@ class _Entry:
     """One captured graph with its per-call load/unload work precomputed."""
 
     __slots__ = (
-        "graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh", "lent", "copy_targets"
+        "graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh", "lent",
+        "copy_targets", "plain_copies", "aliases", "alias_outputs",
     )
 
     def __init__(self, graph: CapturedGraph, plan: ArgPlan, escaping: Sequence[bool]) -> None:
@@ -271,9 +306,24 @@ class _Entry:
         self.plan = plan
         self.ptrs = [graph.static_inputs[i].data_ptr() for i in plan.stable]
         self.copy_targets = [graph.static_inputs[i] for i in plan.copied]
+        # broadcast buffers, whole-storage copies or a single input take the slow path
+        self.plain_copies = len(plan.copied) > 1 and not plan.full_storage and not any(
+            0 in t.stride() for t in self.copy_targets
+        )
+        self.aliases = graph.aliases
+        self.alias_outputs = frozenset(a.output for a in graph.aliases)
         self.escaping = [
             i for i, (e, o) in enumerate(zip(escaping, self.outputs)) if e and isinstance(o, torch.Tensor)
         ]
+
+
+    def load_slowly(self, args: Sequence[Any]) -> None:
+        full = self.plan.full_storage
+        for i in self.plan.copied:
+            if i in full:
+                _flat_storage(self.inputs[i]).copy_(_flat_storage(args[i]), non_blocking=True)
+            else:
+                copy_into(self.inputs[i], args[i], non_blocking=True)
 
 
 class PieceRunner:
@@ -337,23 +387,34 @@ class PieceRunner:
         self.clear()
 
     def _adopt_parameters(self, args: Sequence[Any]) -> None:
-        """Treats arguments that are ``nn.Parameter`` objects as stable from the first call on.
+        """Refines the plan with the first call's arguments.
 
-        A backward graph receives the parameters its forward saved; AOTAutograd does not mark
-        them static there, and copying every weight into a static buffer each step is waste.
-        Their addresses are checked per call like any stable input.
+        Arguments that are ``nn.Parameter`` objects become stable: a backward graph receives
+        the parameters its forward saved, which AOTAutograd does not mark static there, and
+        copying every weight into a static buffer each step is waste (their addresses are
+        checked per call like any stable input). Arguments the metadata calls tensors that
+        arrive as something else (AOTAutograd's effect tokens arrive as ``None``) join the key.
         """
         self._saw_args = True
-        extra = {i for i in self.plan.copied if isinstance(args[i], torch.nn.Parameter)}
-        if extra:
-            plan = self.plan
-            copied = tuple(i for i in plan.copied if i not in extra)
-            self.plan = dataclasses.replace(
-                plan,
-                copied=copied,
-                stable=tuple(sorted(set(plan.stable) | extra)),
-                mutated_copied=tuple(i for i in plan.mutated_copied if i not in extra),
-            )
+        plan = self.plan
+        params = {i for i in plan.copied if isinstance(args[i], torch.nn.Parameter)}
+        not_tensors = {i for i in plan.tensor if not isinstance(args[i], torch.Tensor)}
+        if not (params or not_tensors):
+            return
+        self.plan = dataclasses.replace(
+            plan,
+            tensor=tuple(i for i in plan.tensor if i not in not_tensors),
+            copied=tuple(i for i in plan.copied if i not in params | not_tensors),
+            stable=tuple(sorted((set(plan.stable) | params) - not_tensors)),
+            mutated=tuple(i for i in plan.mutated if i not in not_tensors),
+            mutated_copied=tuple(
+                i for i in plan.mutated_copied if i not in params | not_tensors
+            ),
+            keyed=tuple(sorted(set(plan.keyed) | not_tensors)),
+            full_storage=tuple(i for i in plan.full_storage if i not in not_tensors),
+        )
+        if self.padder is not None:
+            self.padder.copied = self.plan.copied
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -361,6 +422,8 @@ class PieceRunner:
         if self.padder is not None:
             return self._call_padded(args)
         key = tuple(_key_part(args[i]) for i in self.plan.keyed)
+        if self.plan.full_storage:
+            key += tuple(_storage_key(args[i]) for i in self.plan.full_storage)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._miss(key, args)
@@ -380,11 +443,11 @@ class PieceRunner:
                 if entry.graph.executed:
                     return self._finish(entry, args)
                 break
-        copied = self.plan.copied
-        if len(copied) > 1:  # one multi-tensor copy instead of a launch per input
+        if entry.plain_copies:  # one multi-tensor copy instead of a launch per input
+            copied = self.plan.copied
             torch._foreach_copy_(entry.copy_targets, [args[i] for i in copied], non_blocking=True)
-        elif copied:
-            entry.inputs[copied[0]].copy_(args[copied[0]], non_blocking=True)
+        else:
+            entry.load_slowly(args)
         if entry.lent:
             self._retire_lent(entry)
         try:
@@ -452,13 +515,20 @@ class PieceRunner:
         outs = entry.outputs
         if padder is not None:
             outs = padder.plan.slice_outputs(outs, args, inputs)
-        if entry.escaping:
+        if entry.aliases and padder is None:
+            outs = list(outs)
+            for alias in entry.aliases:  # views of inputs: views of the caller's tensors
+                outs[alias.output] = alias.regenerate(args)
+            escaping = [i for i in entry.escaping if i not in entry.alias_outputs]
+        else:
+            escaping = entry.escaping
+        if escaping:
             outs = list(outs)
             if self._clone:
-                for i in entry.escaping:
+                for i in escaping:
                     outs[i] = outs[i].clone()
             else:
-                for i in entry.escaping:
+                for i in escaping:
                     outs[i] = _lend(outs[i])
                     entry.lent.append(weakref.ref(outs[i]))
         return outs[0] if self.single_output else tuple(outs)
@@ -526,7 +596,7 @@ class PieceRunner:
             return self._fallback(key, plan.unsupported)
         static: list[Any] = list(args)
         for i in plan.copied:
-            static[i] = _static_copy(args[i])
+            static[i] = _static_copy(args[i], i in plan.full_storage)
         if sizes is not None:
             assert self.padder is not None
             self.padder.prepare(static, args, sizes)
@@ -617,6 +687,10 @@ def _key_part(a: Any) -> Any:
     return a
 
 
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    return (t.untyped_storage().nbytes(), t.storage_offset())
+
+
 def _describe_key(key: tuple) -> str:
     parts = []
     for part in key:
@@ -658,7 +732,15 @@ def _mark_stale(t: torch.Tensor, piece: str) -> None:
         )
 
 
-def _static_copy(t: torch.Tensor) -> torch.Tensor:
+def _static_copy(t: torch.Tensor, full_storage: bool = False) -> torch.Tensor:
+    if full_storage:  # the whole storage, viewed like ``t``
+        base = _flat_storage(t).clone()
+        return base.as_strided(t.shape, t.stride(), t.storage_offset())
     buf = empty_like_exact(t)
-    buf.copy_(t)
+    copy_into(buf, t)
     return buf
+
+
+def _flat_storage(t: torch.Tensor) -> torch.Tensor:
+    """All of ``t``'s storage as a 1-D tensor of its dtype."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())

@@ -27,14 +27,26 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpuopt.errors import CaptureError
-from hpuopt.runtime.base import CapturedGraph, empty_like_exact, host_sync_reason, tensor_nbytes
+from hpuopt.runtime.base import (
+    CapturedGraph,
+    copy_into,
+    empty_like_exact,
+    find_output_aliases,
+    host_sync_reason,
+    tensor_nbytes,
+    writable,
+)
 
 log = logging.getLogger(__name__)
 
 class _CaptureCheckMode(TorchDispatchMode):
     """Raises on ops that a device graph capture would reject."""
 
+    supports_higher_order_operators = True  # with_effects and friends pass through
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **(kwargs or {}))
         reason = host_sync_reason(func, args)
         if reason is not None:
             raise CaptureError(f"cannot run inside a device graph: {reason}")
@@ -42,11 +54,15 @@ class _CaptureCheckMode(TorchDispatchMode):
 
 
 def _fill_garbage(t: torch.Tensor) -> torch.Tensor:
+    """What a device graph's outputs hold before the first replay: nothing meaningful."""
+    w = writable(t)
     if t.is_floating_point() or t.is_complex():
-        return t.fill_(float("nan"))
-    if t.dtype == torch.bool:
-        return t.fill_(True)
-    return t.fill_(-7777777 if t.dtype != torch.uint8 else 77)
+        w.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        w.fill_(True)
+    else:
+        w.fill_(torch.iinfo(t.dtype).min + 7)
+    return t
 
 
 class CpuRuntime:
@@ -83,12 +99,13 @@ class CpuRuntime:
             _fill_garbage(empty_like_exact(o)) if isinstance(o, torch.Tensor) else o
             for o in probe
         ]
+        aliases = find_output_aliases(probe, probe_inputs)
         tensor_slots = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
 
         def replay() -> None:
             fresh = fn(*static_inputs)
             for i in tensor_slots:
-                outputs[i].copy_(fresh[i])
+                copy_into(outputs[i], fresh[i])
 
         nbytes = tensor_nbytes(outputs)
         self._held += nbytes
@@ -98,6 +115,7 @@ class CpuRuntime:
             replay=replay,
             nbytes=nbytes,
             capture_seconds=time.perf_counter() - start,
+            aliases=aliases,
         )
 
     def release(self, graph: CapturedGraph) -> None:

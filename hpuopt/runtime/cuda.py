@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hpuopt.errors import CaptureError
-from hpuopt.runtime.base import CapturedGraph, tensor_nbytes
+from hpuopt.runtime.base import CapturedGraph, find_output_aliases, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class CudaRuntime:
             static_outputs=outputs,
             replay=graph.replay,
             nbytes=nbytes,
+            aliases=find_output_aliases(outputs, static_inputs),
         )
 
     def release(self, graph: CapturedGraph) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hpuopt.errors import CaptureError
-from hpuopt.runtime.base import CapturedGraph, tensor_nbytes
+from hpuopt.runtime.base import CapturedGraph, find_output_aliases, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class HpuRuntime:
             static_outputs=outputs,
             replay=graph.replay,
             nbytes=nbytes,
+            aliases=find_output_aliases(outputs, static_inputs),
             executed=True,
         )
 

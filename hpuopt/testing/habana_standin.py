@@ -46,9 +46,12 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[Any, tuple, dict, list[torch.Tensor]]] = []
 
+    supports_higher_order_operators = True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        reason = host_sync_reason(func, args)
+        hop = isinstance(func, torch._ops.HigherOrderOperator)
+        reason = None if hop else host_sync_reason(func, args)
         if reason is not None:
             raise StandinError(f"not capturable in an HPU Graph: {reason}")
         out = func(*args, **kwargs)
