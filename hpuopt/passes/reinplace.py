@@ -131,8 +131,10 @@ def _rewrite(
                 elements[(j, inner.args[1])] = inner
         else:
             elements[(0, user.args[1])] = user
-    copies: list[torch.fx.Node] = []
+    where = {elem: key for key, elem in elements.items()}  # element node -> (list, index)
+    copies: set[torch.fx.Node] = set()
     doomed: set[torch.fx.Node] = set()
+    checked_fc: dict[torch.fx.Node, bool] = {}
     readers: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (element, its input)
     copied_back: set[tuple[int, int]] = set()
     for (j, i), elem in elements.items():
@@ -143,12 +145,17 @@ def _rewrite(
         dst = node.args[j][i]
         for use in list(elem.users):
             if use.target is aten.copy_.default and use.args[0] is dst and use.args[1] is elem:
-                copies.append(use)
+                copies.add(use)
                 copied_back.add((j, i))
-            elif use.target is aten._foreach_copy.default and _copies_back(use, elem, dst):
-                copies.append(use)
-                doomed.update(use.users)
-                copies.extend(u for g in use.users for u in g.users)
+            elif use.target is aten._foreach_copy.default:
+                if use not in checked_fc:
+                    checked_fc[use] = _copies_back(use, node, where)
+                    if checked_fc[use]:
+                        copies.add(use)
+                        doomed.update(use.users)
+                        copies.update(u for g in use.users for u in g.users)
+                if not checked_fc[use]:
+                    return skip(f"{use.name} copies its results somewhere else")
                 copied_back.add((j, i))
             else:
                 readers.append((elem, dst))
@@ -158,8 +165,6 @@ def _rewrite(
                 return skip(f"{dst} (list {j}) is written in place but never copied back")
             for other in dst.users:
                 if other is node or other in copies or order.get(other, 0) < order[node]:
-                    continue
-                if other.target is aten._foreach_copy.default and other in copies:
                     continue
                 return skip(f"{other.name} reads the old value of {dst.name} after the update")
     # rewrite: readers take the updated input; copies, unpacking and the functional op go
@@ -193,12 +198,18 @@ def _erase_dead(gm: torch.fx.GraphModule, candidates: set[torch.fx.Node]) -> int
     return removed
 
 
-def _copies_back(fc: torch.fx.Node, elem: torch.fx.Node, dst: torch.fx.Node) -> bool:
-    """``_foreach_copy(dsts, srcs)`` copying ``elem`` to ``dst``, whose results only feed
-    ``copy_`` back into their own destinations."""
+def _copies_back(
+    fc: torch.fx.Node,
+    node: torch.fx.Node,
+    where: dict[torch.fx.Node, tuple[int, int]],
+) -> bool:
+    """``_foreach_copy(dsts, srcs)`` copying elements of ``node``'s result each to its own
+    input, with results that only feed ``copy_`` back into their own destinations."""
     dsts, srcs = fc.args[0], fc.args[1]
-    if elem not in srcs or dsts[srcs.index(elem)] is not dst:
-        return False
+    for dst, src in zip(dsts, srcs):
+        key = where.get(src)
+        if key is None or node.args[key[0]][key[1]] is not dst:
+            return False
     for g in fc.users:
         if not _is_getitem(g):
             return False
