@@ -75,7 +75,7 @@ def tensor_nbytes(values: Sequence[Any]) -> int:
     seen: set[int] = set()
     total = 0
     for v in values:
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor) and not v._is_zerotensor():
             storage = v.untyped_storage()
             ptr = storage.data_ptr()
             if ptr not in seen:
@@ -135,18 +135,32 @@ class OutputAlias:
         return base.as_strided(self.size, self.stride, base.storage_offset() + self.offset)
 
 
+def _plain(t: Any) -> bool:
+    """A dense tensor with real storage and no lazy conjugate/negative bit."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.numel() > 0
+        and not t._is_zerotensor()  # efficient zero tensors have no storage at all
+        and t.layout == torch.strided
+        and not t.is_conj()
+        and not t.is_neg()
+        and type(t) in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
 def find_output_aliases(outputs: Sequence[Any], inputs: Sequence[Any]) -> tuple[OutputAlias, ...]:
     """The outputs that share storage with an input (views the graph returns)."""
     by_storage: dict[int, int] = {}
     for j, t in enumerate(inputs):
-        if isinstance(t, torch.Tensor) and t.numel():
+        if _plain(t):
             by_storage.setdefault(t.untyped_storage().data_ptr(), j)
     found = []
     for i, o in enumerate(outputs):
-        if not isinstance(o, torch.Tensor) or not o.numel():
+        if not _plain(o):
             continue
         j = by_storage.get(o.untyped_storage().data_ptr())
-        if j is not None:
+        # only views of the same dtype: as_strided counts elements of the input's dtype
+        if j is not None and inputs[j].dtype == o.dtype:
             rel = o.storage_offset() - inputs[j].storage_offset()
             found.append(OutputAlias(i, j, tuple(o.shape), tuple(o.stride()), rel))
     return tuple(found)
