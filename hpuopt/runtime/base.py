@@ -11,6 +11,7 @@ Nothing outside ``hpuopt/runtime/`` touches ``torch.cuda`` graph APIs or ``haban
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,6 +70,21 @@ class Runtime(Protocol):
     def memory_report(self) -> dict[str, int]:
         """Bytes held by captured graphs and their pool, as far as the platform can tell."""
         ...
+
+
+class SharedRuntime:
+    """Mixin for device runtimes with one instance per process (one memory pool, one capture
+    stream): ``Runtime.shared()`` creates it on first use."""
+
+    _shared: Any = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> Any:
+        with cls._shared_lock:
+            if cls.__dict__.get("_shared") is None:
+                cls._shared = cls()
+            return cls._shared
 
 
 def tensor_nbytes(values: Sequence[Any]) -> int:

@@ -367,6 +367,7 @@ class PieceRunner:
         self._saw_args = False
         self._moves: dict[int, int] = {}
         self._warned_stale = False
+        self._replay_error: Exception | None = None
 
     def _demote(self, indices: Sequence[int]) -> None:
         """Copies these arguments each call from now on instead of reading them in place.
@@ -448,15 +449,22 @@ class PieceRunner:
             torch._foreach_copy_(entry.copy_targets, [args[i] for i in copied], non_blocking=True)
         else:
             entry.load_slowly(args)
+        if not self._replay(entry):
+            return self._replay_failed(key, args)
+        return self._finish(entry, args)
+
+    def _replay(self, entry: _Entry) -> bool:
+        """Replays ``entry``; False (with the error kept for the caller) when the replay raised."""
         if entry.lent:
             self._retire_lent(entry)
         try:
             entry.graph.replay()
-        except Exception as exc:
-            return self._replay_failed(key, args, exc)
+        except Exception as exc:  # handled by _replay_failed: recorded, strict raises
+            self._replay_error = exc
+            return False
         self.replays += 1
         counters.replays += 1
-        return self._finish(entry, args)
+        return True
 
     def _call_padded(self, args: Sequence[Any]) -> Any:
         padder = self.padder
@@ -485,15 +493,8 @@ class PieceRunner:
                 entry = self._recapture(key, args, entry, sizes)
                 break
         padder.load(entry.inputs, args, sizes)
-        if not (entry.graph.executed and entry.fresh):
-            if entry.lent:
-                self._retire_lent(entry)
-            try:
-                entry.graph.replay()
-            except Exception as exc:
-                return self._replay_failed(key, args, exc)
-            self.replays += 1
-            counters.replays += 1
+        if not (entry.graph.executed and entry.fresh) and not self._replay(entry):
+            return self._replay_failed(key, args)
         entry.fresh = False
         return self._finish(entry, args, padder)
 
@@ -629,9 +630,10 @@ class PieceRunner:
             return lambda *a: [forward(*a)]
         return lambda *a: list(forward(*a))
 
-    def _replay_failed(self, key: tuple, args: Sequence[Any], exc: Exception) -> Any:
+    def _replay_failed(self, key: tuple, args: Sequence[Any]) -> Any:
         """A replay raised: drop that graph, mark the signature uncaptured, and answer this call
         by running the piece as is (its inputs are the caller's, untouched by the replay)."""
+        exc, self._replay_error = self._replay_error, None
         self._release(self.entries.pop(key, ""))
         reason = f"replay failed: {type(exc).__name__}: {exc}"
         if self.config.strict:

@@ -15,30 +15,24 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from hpuopt.errors import CaptureError
-from hpuopt.runtime.base import CapturedGraph, find_output_aliases, tensor_nbytes
+from hpuopt.runtime.base import (
+    CapturedGraph,
+    SharedRuntime,
+    find_output_aliases,
+    tensor_nbytes,
+)
 
 log = logging.getLogger(__name__)
 
 
-class CudaRuntime:
+class CudaRuntime(SharedRuntime):
     name = "cuda"
-    _shared: CudaRuntime | None = None
-    _shared_lock = threading.Lock()
-
-    @classmethod
-    def shared(cls) -> CudaRuntime:
-        """The process's runtime (one memory pool for every captured piece)."""
-        with cls._shared_lock:
-            if cls._shared is None:
-                cls._shared = cls()
-            return cls._shared
 
     def __init__(self) -> None:
         if not torch.cuda.is_available():

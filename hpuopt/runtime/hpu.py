@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from hpuopt.errors import CaptureError
-from hpuopt.runtime.base import CapturedGraph, find_output_aliases, tensor_nbytes
+from hpuopt.runtime.base import (
+    CapturedGraph,
+    SharedRuntime,
+    find_output_aliases,
+    tensor_nbytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +46,8 @@ def load_habana() -> tuple[Any, Any]:
     return ht, core
 
 
-class HpuRuntime:
+class HpuRuntime(SharedRuntime):
     name = "hpu"
-    _shared: HpuRuntime | None = None
-    _shared_lock = threading.Lock()
-
-    @classmethod
-    def shared(cls) -> HpuRuntime:
-        with cls._shared_lock:
-            if cls._shared is None:
-                cls._shared = cls()
-            return cls._shared
 
     def __init__(self, habana: tuple[Any, Any] | None = None) -> None:
         self.ht, self.core = habana if habana is not None else load_habana()
