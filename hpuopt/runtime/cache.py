@@ -555,7 +555,11 @@ class PieceRunner:
 
     def _miss(self, key: tuple, args: Sequence[Any], sizes: dict | None = None) -> _Entry | str:
         if not self.entries and not self._saw_args:
+            keyed = self.plan.keyed
             self._adopt_parameters(args)
+            if sizes is None and self.plan.keyed != keyed:  # the key holds new arguments now
+                key = tuple(_key_part(args[i]) for i in self.plan.keyed)
+                key += tuple(_storage_key(args[i]) for i in self.plan.full_storage)
         self.misses += 1
         counters.cache_misses += 1
         entry = self._capture(key, args, sizes)
