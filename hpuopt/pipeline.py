@@ -24,6 +24,7 @@ from hpuopt.passes.cleanup import CleanupPass
 from hpuopt.passes.fused_adam import FusedAdamPass
 from hpuopt.passes.fused_clip_norm import FusedClipNormPass
 from hpuopt.passes.mark_step import MarkStepPass
+from hpuopt.passes.masked_fill import MaskedFillPass
 from hpuopt.passes.reinplace import ReinplacePass
 from hpuopt.passes.split import SplitPass
 
@@ -43,6 +44,9 @@ POST_AOT: tuple[GraphPass, ...] = (
     # Before the split: functionalisation turned in-place optimizer kernels into functional ops
     # plus a copy per tensor; undo that while the whole update is still one graph.
     ReinplacePass(),
+    # Before the split: a one-value boolean-mask assignment becomes a where, so the split
+    # has no host read to cut there.
+    MaskedFillPass(),
     # The split comes before every pass that works per piece.
     SplitPass(),
     # Per static piece: which dynamic dims may be padded to a bucket (reads the pieces' graphs).
