@@ -14,6 +14,7 @@ Dynamo hands :func:`hpugraph_backend` one FX graph with example inputs. The back
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -196,29 +197,17 @@ def _static_input_indices(kind: str, num_inputs: int) -> frozenset[int]:
 
 def _escaping_outputs(node: torch.fx.Node) -> list[bool]:
     """For each output of a static piece: does it leave captured code in this call?"""
-    info_single = not _returns_tuple(node)
-    if info_single:
+    sub = node.graph.owning_module._modules[node.target]  # not getattr: runners shadow it
+    result = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    if not isinstance(result, (tuple, list)):
         return [_escapes(node)]
-    width = max((u.args[1] for u in node.users if _is_getitem(u)), default=-1) + 1
-    out = [False] * width
+    out = [False] * len(result)
     for user in node.users:
-        if _is_getitem(user):
+        if user.op == "call_function" and user.target is operator.getitem:
             out[user.args[1]] = out[user.args[1]] or _escapes(user)
         else:  # the tuple itself is used: everything escapes
-            return [True] * width
+            return [True] * len(result)
     return out
-
-
-def _returns_tuple(node: torch.fx.Node) -> bool:
-    sub = node.graph.owning_module.get_submodule(node.target)
-    out = next(n for n in sub.graph.nodes if n.op == "output")
-    return isinstance(out.args[0], (tuple, list))
-
-
-def _is_getitem(node: torch.fx.Node) -> bool:
-    import operator
-
-    return node.op == "call_function" and node.target is operator.getitem
 
 
 def _escapes(value: torch.fx.Node) -> bool:
