@@ -259,3 +259,15 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (torch.Size, tuple, set, frozenset)):
         return list(value)
     return str(value)
+
+
+class Block(torch.nn.Module):
+    """Linear + GELU + LayerNorm: the host-bound block the overhead and workload models stack."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(hidden, hidden)
+        self.norm = torch.nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.nn.functional.gelu(self.lin(x)))

@@ -50,14 +50,7 @@ from hpuopt.api import DYNAMIC_OP_FLAGS  # noqa: E402
 GOAL = 1.10  # hpugraph's default CPU path: at most this many times eager per call
 
 
-class Block(torch.nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(hidden, hidden)
-        self.norm = torch.nn.LayerNorm(hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(torch.nn.functional.gelu(self.lin(x)))
+Block = _common.Block
 
 
 def make_model(blocks: int, hidden: int) -> torch.nn.Module:

@@ -153,14 +153,7 @@ def _mem(device: str) -> dict[str, int]:
 # -- models -----------------------------------------------------------------------------------
 
 
-class Block(torch.nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(hidden, hidden)
-        self.norm = torch.nn.LayerNorm(hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(torch.nn.functional.gelu(self.lin(x)))
+Block = _common.Block
 
 
 def make_mlp(blocks: int, hidden: int, seed: int) -> torch.nn.Sequential:

@@ -31,6 +31,7 @@ from hpuopt.passes.split import PieceInfo, build_pieces
 from hpuopt.passes.base import GraphPass
 from hpuopt.pipeline import PipelineResult, run_pipeline
 from hpuopt.runtime import select_runtime
+from hpuopt.runtime.base import eager_forward
 from hpuopt.runtime.cache import PieceRunner
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def compile_aot_graph(
         sum(p.runner is not None for p in aot_record.pieces),
         runtime.name,
     )
-    forward = _eager_forward(split_gm)
+    forward = eager_forward(split_gm)
     # One call at a time per graph: a piece's output buffers stay live until the next piece
     # has copied them, so concurrent callers must not interleave anywhere inside the graph.
     lock = threading.Lock()
@@ -165,15 +166,6 @@ def compile_aot_graph(
 
     run._boxed_call = True  # type: ignore[attr-defined]
     return run
-
-
-def _eager_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
-    """``gm``'s generated forward, compiled now: a lazy graph module would otherwise check for
-    pending code generation and go through ``nn.Module.__call__`` on every call."""
-    real = getattr(gm, "real_recompile", None)
-    if real is not None:
-        real()
-    return gm.forward
 
 
 def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

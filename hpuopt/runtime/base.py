@@ -215,3 +215,12 @@ def host_sync_reason(func: Any, args: Sequence[Any]) -> str | None:
             if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8):
                 return f"{func} with a boolean mask has a data-dependent size"
     return None
+
+
+def eager_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """``gm``'s generated forward, compiled now: a lazy graph module would otherwise check for
+    pending code generation and go through ``nn.Module.__call__`` on every call."""
+    real = getattr(gm, "real_recompile", None)
+    if real is not None:
+        real()
+    return gm.forward

@@ -75,6 +75,7 @@ from hpuopt.runtime.base import (
     CapturedGraph,
     Runtime,
     copy_into,
+    eager_forward,
     empty_like_exact,
     tensor_nbytes,
 )
@@ -294,7 +295,7 @@ class _Entry:
 
     __slots__ = (
         "graph", "inputs", "outputs", "ptrs", "plan", "escaping", "fresh", "lent",
-        "copy_targets", "plain_copies", "aliases", "alias_outputs",
+        "copy_targets", "plain_copies", "aliases", "escaping_copies",
     )
 
     def __init__(self, graph: CapturedGraph, plan: ArgPlan, escaping: Sequence[bool]) -> None:
@@ -311,10 +312,12 @@ class _Entry:
             0 in t.stride() for t in self.copy_targets
         )
         self.aliases = graph.aliases
-        self.alias_outputs = frozenset(a.output for a in graph.aliases)
         self.escaping = [
             i for i, (e, o) in enumerate(zip(escaping, self.outputs)) if e and isinstance(o, torch.Tensor)
         ]
+        alias_outputs = {a.output for a in graph.aliases}
+        # escaping outputs that are not regenerated input views: these get cloned or lent
+        self.escaping_copies = [i for i in self.escaping if i not in alias_outputs]
 
 
     def load_slowly(self, args: Sequence[Any]) -> None:
@@ -514,17 +517,19 @@ class PieceRunner:
         elif back:
             args[back[0]].copy_(inputs[back[0]])
         outs = entry.outputs
-        if padder is not None:
+        if padder is not None:  # sliced back to the real sizes: no input views to regenerate
             outs = padder.plan.slice_outputs(outs, args, inputs)
-        if entry.aliases and padder is None:
+            escaping = entry.escaping
+        elif entry.aliases:
             outs = list(outs)
             for alias in entry.aliases:  # views of inputs: views of the caller's tensors
                 outs[alias.output] = alias.regenerate(args)
-            escaping = [i for i in entry.escaping if i not in entry.alias_outputs]
+            escaping = entry.escaping_copies
         else:
             escaping = entry.escaping
         if escaping:
-            outs = list(outs)
+            if outs is entry.outputs:  # never write into the graph's own output list
+                outs = list(outs)
             if self._clone:
                 for i in escaping:
                     outs[i] = outs[i].clone()
@@ -627,9 +632,7 @@ class PieceRunner:
         return _Entry(graph, plan, self.escaping)
 
     def _flat_fn(self) -> Callable[..., list[Any]]:
-        from hpuopt.backend import _eager_forward
-
-        forward = _eager_forward(self.gm)
+        forward = eager_forward(self.gm)
         if self.single_output:
             return lambda *a: [forward(*a)]
         return lambda *a: list(forward(*a))
