@@ -9,6 +9,7 @@ from hpuopt.backend import hpugraph_backend
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import Counters, counters
 from hpuopt.diagnostics.explain import ExplainReport
+from hpuopt import optim
 from hpuopt.optin import (
     GraphedForward,
     ModuleCacher,
@@ -46,6 +47,7 @@ __all__ = [
     "explain",
     "hpugraph_backend",
     "is_wrapped",
+    "optim",
     "reset",
     "unwrap",
     "wrap_in_hpu_graph",

@@ -31,6 +31,9 @@ class Counters:
     evictions: int = 0
     recaptures: int = 0
     """Captures redone because a stable input (parameter, buffer) changed address."""
+    promotions: int = 0
+    """Pieces that began reading some copied inputs in place because their address never
+    changed (each such piece is captured once more)."""
     fallbacks: int = 0
     """Keys whose capture failed, so the piece runs uncaptured for them."""
     stale_outputs: int = 0

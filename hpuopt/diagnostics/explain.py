@@ -98,6 +98,11 @@ class PieceReport:
     held_bytes: int = 0
     padding: str = ""
     """What the piece pads to buckets, or why it is captured at exact shapes."""
+    inputs_copied: int = 0
+    """Tensor inputs copied into static buffers each call."""
+    inputs_in_place: int = 0
+    """Tensor inputs read where the caller keeps them (parameters, buffers, and inputs whose
+    address never changed), their address checked each call."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +180,8 @@ def _piece_report(p: PieceRecord) -> PieceReport:
         evictions=r.evictions,
         held_bytes=r.held_bytes(),
         padding=r.padding_summary(),
+        inputs_copied=len(r.plan.copied),
+        inputs_in_place=len(r.plan.stable),
     )
 
 
@@ -201,6 +208,10 @@ def render(report: ExplainReport) -> str:
                         f"{', '.join(p.graphs) or '-'}; replays {p.replays}, hits {p.hits}, "
                         f"misses {p.misses}, evictions {p.evictions}, {_bytes(p.held_bytes)}"
                     )
+                    lines.append(
+                        f"        inputs: {p.inputs_in_place} read in place, "
+                        f"{p.inputs_copied} copied per call"
+                    )
                     if p.padding:
                         lines.append(f"        {p.padding}")
                     for reason in dict.fromkeys(p.fallbacks):
@@ -214,6 +225,7 @@ def render(report: ExplainReport) -> str:
     lines.append(
         f"counters: captured {c.graphs_captured}, replays {c.replays}, hits {c.cache_hits}, "
         f"misses {c.cache_misses}, evictions {c.evictions}, recaptures {c.recaptures}, "
+        f"promotions {c.promotions}, "
         f"fallbacks {c.fallbacks}, capture {c.capture_seconds:.3f}s"
         + (f", pad waste {c.pad_waste:.0%}" if c.real_elements else "")
     )

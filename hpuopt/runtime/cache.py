@@ -195,6 +195,10 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
 _MOVES_BEFORE_COPY = 2
 """A stable input that changed address this many times is copied each call instead."""
 
+_SAME_BEFORE_STABLE = 2
+"""A copied input whose address stayed the same over this many calls after the first is read in
+place from then on (see :meth:`PieceRunner._observe`)."""
+
 ABOVE_LARGEST = object()
 """Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
 
@@ -369,6 +373,9 @@ class PieceRunner:
         self._clone = config.clone_outputs
         self._saw_args = False
         self._moves: dict[int, int] = {}
+        self._promoted: set[int] = set()
+        self._watch: dict[int, int] | None = {}  # promotion candidates -> address; None: done
+        self._watch_calls = 0
         self._warned_stale = False
         self._replay_error: Exception | None = None
 
@@ -380,6 +387,7 @@ class PieceRunner:
         """
         log.info("%s: arguments %s keep moving; copying them each call", self.name, indices)
         plan, moving = self.plan, set(indices)
+        self._promoted -= moving
         self.plan = dataclasses.replace(
             plan,
             stable=tuple(i for i in plan.stable if i not in moving),
@@ -388,6 +396,60 @@ class PieceRunner:
         )
         if self.padder is not None:
             self.padder.copied = self.plan.copied
+        self.clear()
+
+    def _observe(self, args: Sequence[Any]) -> None:
+        """Watches the first calls for copied inputs that never move, and reads those in place.
+
+        Parameters and buffers are known stable from metadata. Other tensors can be just as
+        stable without the metadata saying so: the gradients an optimizer step reads (torch
+        does not mark them static), a KV cache or a state tensor the caller passes every call.
+        Copying those into static buffers each call is the largest cost of a replay whose
+        kernels are small. So the first call records the address of every copied input that
+        could be read in place, each of the next :data:`_SAME_BEFORE_STABLE` calls drops those
+        that moved, and what is left becomes stable: captured again once, then address-checked
+        per call like a parameter, and copied again (for good) the first time it moves.
+        Reading an input in place is what eager does, so this changes speed, never results.
+        """
+        self._watch_calls += 1
+        watch = self._watch
+        assert watch is not None
+        if self._watch_calls == 1:
+            watch.update((i, args[i].data_ptr()) for i in self._promotable(args))
+        else:
+            for i in [i for i, ptr in watch.items() if args[i].data_ptr() != ptr]:
+                del watch[i]
+            if watch and self._watch_calls > _SAME_BEFORE_STABLE:
+                promote = [i for i in watch if i in self.plan.copied]
+                watch.clear()
+                if promote and all(isinstance(e, _Entry) for e in self.entries.values()):
+                    self._promote(promote)
+        if not watch:
+            self._watch = None
+
+    def _promotable(self, args: Sequence[Any]) -> list[int]:
+        plan, device = self.plan, self.runtime.name
+        skip = {*plan.keyed, *plan.full_storage, *self._moves}
+        return [
+            i for i in plan.copied
+            if i not in skip
+            and isinstance(args[i], torch.Tensor)
+            and (device == "cpu" or args[i].device.type == device)
+        ]
+
+    def _promote(self, indices: Sequence[int]) -> None:
+        log.info("%s: arguments %s kept their address; reading them in place", self.name, indices)
+        plan, up = self.plan, set(indices)
+        self._promoted |= up
+        self.plan = dataclasses.replace(
+            plan,
+            stable=tuple(sorted({*plan.stable, *up})),
+            copied=tuple(i for i in plan.copied if i not in up),
+            mutated_copied=tuple(i for i in plan.mutated_copied if i not in up),
+        )
+        if self.padder is not None:
+            self.padder.copied = self.plan.copied
+        counters.promotions += 1
         self.clear()
 
     def _adopt_parameters(self, args: Sequence[Any]) -> None:
@@ -423,8 +485,13 @@ class PieceRunner:
     # -- the hot path ---------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
+        if self._watch is not None:
+            self._observe(args)
         if self.padder is not None:
             return self._call_padded(args)
+        return self._call_exact(args)
+
+    def _call_exact(self, args: Sequence[Any]) -> Any:
         key = tuple(_key_part(args[i]) for i in self.plan.keyed)
         if self.plan.full_storage:
             key += tuple(_storage_key(args[i]) for i in self.plan.full_storage)
@@ -440,13 +507,10 @@ class PieceRunner:
         if isinstance(entry, str):  # this signature falls back to running uncaptured
             counters.uncaptured_runs += 1
             return self.gm(*args)
-        ptrs = entry.ptrs
-        for slot, i in enumerate(self.plan.stable):
-            if args[i].data_ptr() != ptrs[slot]:
-                entry = self._recapture(key, args, entry)
-                if entry.graph.executed:
-                    return self._finish(entry, args)
-                break
+        if [args[i].data_ptr() for i in self.plan.stable] != entry.ptrs:
+            entry = self._recapture(key, args, entry)
+            if entry.graph.executed:
+                return self._finish(entry, args)
         if entry.plain_copies:  # one multi-tensor copy instead of a launch per input
             copied = self.plan.copied
             torch._foreach_copy_(entry.copy_targets, [args[i] for i in copied], non_blocking=True)
@@ -490,11 +554,8 @@ class PieceRunner:
         if isinstance(entry, str):
             counters.uncaptured_runs += 1
             return self.gm(*args)
-        ptrs = entry.ptrs
-        for slot, i in enumerate(self.plan.stable):
-            if args[i].data_ptr() != ptrs[slot]:
-                entry = self._recapture(key, args, entry, sizes)
-                break
+        if [args[i].data_ptr() for i in self.plan.stable] != entry.ptrs:
+            entry = self._recapture(key, args, entry, sizes)
         padder.load(entry.inputs, args, sizes)
         if not (entry.graph.executed and entry.fresh) and not self._replay(entry):
             return self._replay_failed(key, args)
@@ -504,7 +565,7 @@ class PieceRunner:
     def _call_exact_shapes(self, args: Sequence[Any]) -> Any:
         padder, self.padder = self.padder, None
         try:
-            return self(*args)
+            return self._call_exact(args)
         finally:
             self.padder = padder
 
@@ -589,7 +650,10 @@ class PieceRunner:
         self._release(self.entries.pop(key))
         for i in moved:
             self._moves[i] = self._moves.get(i, 0) + 1
-        demote = [i for i in moved if self._moves[i] >= _MOVES_BEFORE_COPY]
+        demote = [
+            i for i in moved
+            if i in self._promoted or self._moves[i] >= _MOVES_BEFORE_COPY
+        ]
         if demote:  # the key is unchanged: only keyed arguments are in it
             self._demote(demote)
         entry = self._capture(key, args, sizes)

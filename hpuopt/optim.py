@@ -1,0 +1,90 @@
+"""Optimizer steps that compile into one graph.
+
+``torch.optim`` wraps every ``step()`` in a decorator that calls ``torch._dynamo.graph_break()``
+before and after the update, so that AOTAutograd sees the update as an inference graph (an
+allocation concern of Inductor's). Under ``backend="hpugraph"`` those two breaks cost more than
+the update itself once the update is one fused kernel: three Dynamo frames instead of one, each
+with its own guards over every parameter, gradient and state tensor, and a separate graph (with
+its own runtime wrapper and replay) for whatever precedes the step, such as gradient clipping.
+
+:func:`step` runs exactly what ``optimizer.step()`` runs — the same update code, the same grad
+mode (``defaults["differentiable"]``), the step pre- and post-hooks in the same order — without
+the two graph breaks, so ``clip_grad_norm_`` and the update land in one graph that the fused
+rewrites turn into a handful of kernels::
+
+    @torch.compile(backend="hpugraph")
+    def train_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        hpuopt.optim.step(opt)
+
+Outside ``torch.compile`` it is an ordinary eager step. An optimizer whose ``step`` does not use
+torch's decorator (a third-party optimizer) is simply stepped with ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.optim.optimizer as _torch_optimizer
+
+__all__ = ["step"]
+
+
+_DECORATOR_CODE = _torch_optimizer._use_grad_for_differentiable(lambda self: None).__code__
+"""The code object of the wrapper ``torch.optim`` puts around ``step`` (taken at import, so
+Dynamo never traces its making)."""
+
+
+def undecorated_step(cls: type) -> Callable[..., Any] | None:
+    """The update function under ``cls.step``'s graph-breaking decorator, or ``None`` when
+    ``cls.step`` is not decorated that way."""
+    fn: Any = getattr(cls, "step", None)
+    code = _DECORATOR_CODE
+    seen = 0
+    while fn is not None and seen < 8:  # profile hook -> grad-mode wrapper -> update
+        if getattr(fn, "__code__", None) is code:
+            return getattr(fn, "__wrapped__", None)
+        fn = getattr(fn, "__wrapped__", None)
+        seen += 1
+    return None
+
+
+def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+    """``optimizer.step(closure)`` without ``torch.optim``'s graph breaks (module docstring)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"hpuopt.optim.step takes a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    update = undecorated_step(type(optimizer))
+    if update is None:
+        return optimizer.step() if closure is None else optimizer.step(closure)
+    args: tuple[Any, ...] = (optimizer,) if closure is None else (optimizer, closure)
+    kwargs: dict[str, Any] = {}
+    for pre_hook in chain(
+        _torch_optimizer._global_optimizer_pre_hooks.values(),
+        optimizer._optimizer_step_pre_hooks.values(),
+    ):
+        result = pre_hook(optimizer, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"optimizer step pre-hook {pre_hook} must return None or (args, kwargs), "
+                    f"got {result!r}"
+                )
+            args, kwargs = result
+    prev = torch.is_grad_enabled()
+    torch.set_grad_enabled(optimizer.defaults.get("differentiable", False))
+    try:
+        out = update(*args, **kwargs)
+    finally:
+        torch.set_grad_enabled(prev)
+    optimizer._optimizer_step_code()
+    for post_hook in chain(
+        optimizer._optimizer_step_post_hooks.values(),
+        _torch_optimizer._global_optimizer_post_hooks.values(),
+    ):
+        post_hook(optimizer, args, kwargs)
+    return out
