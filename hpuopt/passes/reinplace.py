@@ -168,10 +168,16 @@ def _rewrite(
                     continue
                 return skip(f"{other.name} reads the old value of {dst.name} after the update")
     # rewrite: readers take the updated input; copies, unpacking and the functional op go
+    # one rewrite per reading node: a multi-tensor op reads thousands of elements, and
+    # replacing them one at a time would rescan its argument list for each
+    redirect: dict[torch.fx.Node, dict[torch.fx.Node, torch.fx.Node]] = {}
     for elem, dst in readers:
-        for use in list(elem.users):
+        for use in elem.users:
             if use not in copies:
-                use.replace_input_with(elem, dst)
+                redirect.setdefault(use, {})[elem] = dst
+    for use, mapping in redirect.items():
+        use.args = torch.fx.map_arg(use.args, lambda a: mapping.get(a, a))
+        use.kwargs = torch.fx.map_arg(use.kwargs, lambda a: mapping.get(a, a))
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(inplace, node.args, node.kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
