@@ -588,21 +588,18 @@ def _git_state() -> dict[str, Any]:
         return {}
 
 
-_WARMED: dict[str, float] = {}
-
-
+@functools.cache
 def process_warmup() -> float:
     """Compiles a small Linear forward and backward through hpugraph once per process, so the
     first calls timed below do not include what only the first compile of a process pays
     (imports, Dynamo's and AOTAutograd's lazy set-up). Returns the seconds it took then (a
     user's first compile in a fresh process pays them once, on whatever it compiles first)."""
-    if "s" not in _WARMED:
-        start = time.perf_counter()
-        lin = torch.nn.Linear(8, 8)
-        torch.compile(lambda x: lin(x).sum(), backend="hpugraph")(torch.randn(2, 8)).backward()
-        _WARMED["s"] = time.perf_counter() - start
-        print(f"  process warm-up (first compile in this process): {_WARMED['s']:.2f}s")
-    return _WARMED["s"]
+    start = time.perf_counter()
+    lin = torch.nn.Linear(8, 8)
+    torch.compile(lambda x: lin(x).sum(), backend="hpugraph")(torch.randn(2, 8)).backward()
+    seconds = time.perf_counter() - start
+    print(f"  process warm-up (first compile in this process): {seconds:.2f}s")
+    return seconds
 
 
 def bench_one(n: int, optim: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -386,13 +386,19 @@ class PieceRunner:
         reallocates); capturing again on every call would be far slower than one copy each.
         """
         log.info("%s: arguments %s keep moving; copying them each call", self.name, indices)
-        plan, moving = self.plan, set(indices)
-        self._promoted -= moving
+        self._promoted -= set(indices)
+        self._replan(set(self.plan.stable) - set(indices))
+
+    def _replan(self, stable: set[int]) -> None:
+        """Reads the tensor arguments in ``stable`` in place and copies the others from now on;
+        every captured graph baked in the old split, so all are dropped (captured on demand)."""
+        plan = self.plan
+        copied = (set(plan.stable) | set(plan.copied)) - stable
         self.plan = dataclasses.replace(
             plan,
-            stable=tuple(i for i in plan.stable if i not in moving),
-            copied=tuple(sorted({*plan.copied, *moving})),
-            mutated_copied=tuple(sorted({*plan.mutated_copied, *(moving & set(plan.mutated))})),
+            stable=tuple(sorted(stable)),
+            copied=tuple(sorted(copied)),
+            mutated_copied=tuple(i for i in plan.mutated if i in copied),
         )
         if self.padder is not None:
             self.padder.copied = self.plan.copied
@@ -439,18 +445,9 @@ class PieceRunner:
 
     def _promote(self, indices: Sequence[int]) -> None:
         log.info("%s: arguments %s kept their address; reading them in place", self.name, indices)
-        plan, up = self.plan, set(indices)
-        self._promoted |= up
-        self.plan = dataclasses.replace(
-            plan,
-            stable=tuple(sorted({*plan.stable, *up})),
-            copied=tuple(i for i in plan.copied if i not in up),
-            mutated_copied=tuple(i for i in plan.mutated_copied if i not in up),
-        )
-        if self.padder is not None:
-            self.padder.copied = self.plan.copied
+        self._promoted |= set(indices)
         counters.promotions += 1
-        self.clear()
+        self._replan(set(self.plan.stable) | set(indices))
 
     def _adopt_parameters(self, args: Sequence[Any]) -> None:
         """Refines the plan with the first call's arguments.
