@@ -19,6 +19,16 @@ rewrites turn into a handful of kernels::
 
 Outside ``torch.compile`` it is an ordinary eager step. An optimizer whose ``step`` does not use
 torch's decorator (a third-party optimizer) is simply stepped with ``optimizer.step()``.
+
+Under ``torch.compile``, an Adam or AdamW CPU parameter group that leaves ``foreach`` unset
+(``None``: torch picks, and on CPU it picks one block of ops per parameter; on CUDA it already
+picks foreach) is traced in its ``foreach`` form:
+one chain of multi-tensor ops per group instead of one block per parameter, which Dynamo traces
+in about a third less time (1.1 s less at 100 parameters). The fused rewrite turns either form
+into the same fused kernel; where it does not fire, the foreach form runs, which torch documents
+as the same algorithm. The group's ``foreach`` is back to ``None`` when the step returns, so the
+optimizer's ``state_dict`` is unchanged. A group that sets ``foreach`` or ``fused``, or a
+``differentiable`` or ``capturable`` optimizer, is traced as written.
 """
 
 from __future__ import annotations
@@ -52,6 +62,26 @@ def undecorated_step(cls: type) -> Callable[..., Any] | None:
     return None
 
 
+_FOREACH_WHEN_COMPILING = (torch.optim.Adam, torch.optim.AdamW)
+"""Optimizers whose CPU groups with ``foreach=None`` are traced in their foreach form (module
+docstring): those the fused rewrite recognises in both forms."""
+
+
+def _groups_traced_as_foreach(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The groups to trace in their foreach form: under ``torch.compile`` only, CPU groups that
+    leave ``foreach`` to torch (elsewhere torch already picks the foreach form)."""
+    if not torch.compiler.is_compiling() or not isinstance(optimizer, _FOREACH_WHEN_COMPILING):
+        return []
+    if optimizer.defaults.get("differentiable", False) or optimizer.defaults.get("capturable"):
+        return []
+    return [
+        g for g in optimizer.param_groups
+        if g.get("foreach", False) is None
+        and not g.get("fused")
+        and all(p.device.type == "cpu" for p in g["params"])
+    ]
+
+
 def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
     """``optimizer.step(closure)`` without ``torch.optim``'s graph breaks (module docstring)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -76,10 +106,20 @@ def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = N
                 )
             args, kwargs = result
     prev = torch.is_grad_enabled()
+    unset = _groups_traced_as_foreach(optimizer)
     torch.set_grad_enabled(optimizer.defaults.get("differentiable", False))
     try:
+        for group in unset:
+            group["foreach"] = True
         out = update(*args, **kwargs)
     finally:
+        for group in unset:
+            group["foreach"] = None
+            # Dynamo traces every optimizer as capturable=True without changing the group, but
+            # a group written to inside the trace is written back whole afterwards, with that
+            # traced-only value in it. A CPU group is never capturable (torch refuses to step
+            # it eagerly), so False is what the group held.
+            group["capturable"] = False
         torch.set_grad_enabled(prev)
     optimizer._optimizer_step_code()
     for post_hook in chain(

@@ -199,3 +199,45 @@ def test_compiled_step_matches_eager_and_fuses(kind):
     opt_b.step()
     for p, q in zip(fresh_params, b):
         torch.testing.assert_close(p, q)
+
+
+def _groups_without_params(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_cpu_group_left_to_torch_is_traced_in_its_foreach_form(kind, foreach):
+    sizes = [8, 33, 5, 12]
+    a, opt_a, b, opt_b = _pair(kind, sizes, lr=0.02, foreach=foreach)
+    opt_a.add_param_group({"params": [torch.nn.Parameter(torch.randn(7))], "lr": 0.003})
+    opt_b.add_param_group({"params": [torch.nn.Parameter(opt_a.param_groups[1]["params"][0]
+                                                          .detach().clone())], "lr": 0.003})
+    a, b = a + opt_a.param_groups[1]["params"], b + opt_b.param_groups[1]["params"]
+    groups_before = _groups_without_params(opt_a)
+    backend = RecordingBackend()
+    compiled = torch.compile(_train_step(a, opt_a, True), backend=backend)
+    for _ in range(4):
+        _set_grads(a, b)
+        compiled()
+        _train_step(b, opt_b, False)()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q)
+    # one graph over all steps: the groups (guarded by Dynamo) came back exactly as they were
+    (snapshot,) = backend.graphs(stage="pre_aot")
+    assert _groups_without_params(opt_a) == groups_before
+    assert _groups_without_params(opt_a) == _groups_without_params(opt_b)
+    # what Dynamo traced: per-parameter update ops only when the user asked for that form
+    per_param_lerps = sum(
+        n.op == "call_method" and n.target == "lerp_" for n in snapshot.before.graph.nodes
+    )
+    assert per_param_lerps == (len(a) if foreach is False else 0)
+    assert "fused_adam" in backend.explain().graphs[0].rewrites
+
+
+def test_foreach_form_is_only_traced_under_compile():
+    a, opt, _, _ = _pair("adam", [4, 6])
+    _set_grads(a)
+    assert hpuopt.optim._groups_traced_as_foreach(opt) == []  # eager: torch's own choice
+    opt.param_groups[0]["foreach"] = True
+    assert hpuopt.optim._groups_traced_as_foreach(opt) == []
