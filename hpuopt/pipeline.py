@@ -21,6 +21,7 @@ from hpuopt.errors import PassError
 from hpuopt.passes.base import GraphPass, PassResult, Stage
 from hpuopt.passes.buckets import BucketPlanPass
 from hpuopt.passes.cleanup import CleanupPass
+from hpuopt.passes.clip_scale import ClipScalePass
 from hpuopt.passes.fused_adam import FusedAdamPass
 from hpuopt.passes.fused_clip_norm import FusedClipNormPass
 from hpuopt.passes.mark_step import MarkStepPass
@@ -44,6 +45,9 @@ POST_AOT: tuple[GraphPass, ...] = (
     # Before the split: functionalisation turned in-place optimizer kernels into functional ops
     # plus a copy per tensor; undo that while the whole update is still one graph.
     ReinplacePass(),
+    # After reinplace, which leaves the clip's in-place multiply and the in-place fused Adam
+    # kernel that reads its result side by side: the kernel scales the gradients itself.
+    ClipScalePass(),
     # Before the split: a one-value boolean-mask assignment becomes a where, so the split
     # has no host read to cut there.
     MaskedFillPass(),
