@@ -14,7 +14,8 @@ capture exist to remove. Rows, measured in the same run and interleaved (``_comm
     hpugraph              torch.compile(step, backend="hpugraph")  (the same)
     hpugraph optim.step   the same, but the step calls hpuopt.optim.step(opt) instead of
                           opt.step(): no graph breaks around the update, so the clip and the
-                          update are one Dynamo graph instead of three frames
+                          update are one Dynamo graph instead of three frames, and the CPU
+                          group (foreach left to torch) is traced in its foreach form
     hpugraph gf=<name>    the "hpugraph" row (opt.step()) with
                           options={"guard_filter_fn": <filter>} (see GUARD_FILTERS)
     grad refresh only     what every row also does each step: copy the step's gradients in

@@ -270,3 +270,45 @@ def test_assert_only_piece_survives_cleanup(dynamic_op_flags):
     nodes = list(bwd.after.graph.nodes)
     for a, b in zip(nodes, nodes[1:]):  # no two boundaries back to back
         assert not (a.target is mark_step and b.target is mark_step), bwd.after.code
+
+
+def _graph_returning(outputs: str) -> torch.fx.GraphModule:
+    """A hand-built one-piece graph: inputs a (used), b (only returned), c (unused), and an
+    output of the given shape ("none", "one", "several", "with_input")."""
+    g = torch.fx.Graph()
+    a, b, _c = g.placeholder("a"), g.placeholder("b"), g.placeholder("c")
+    s = g.call_function(aten.sin.default, (a,))
+    t = g.call_function(aten.mul.Tensor, (s, a))
+    g.call_function(aten.add_.Tensor, (a, 1.0))  # a write: the piece must stay impure
+    out = {"none": (), "one": (t,), "several": (t, s, t), "with_input": (s, b, None)}[outputs]
+    g.output(out)
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+@pytest.mark.parametrize("outputs", ["none", "one", "several", "with_input"])
+def test_one_piece_split_is_split_module_without_its_cost(outputs):
+    from torch.fx.passes.split_module import split_module
+
+    from hpuopt.passes.split import build_pieces
+
+    gm = _graph_returning(outputs)
+    assignment = {n: 0 for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
+    mine, (info,) = build_pieces(gm, assignment, {})
+    theirs = split_module(_graph_returning(outputs), None, lambda n: 0, keep_original_order=True)
+    (call,) = mine.graph.find_nodes(op="call_module")
+    (their_call,) = theirs.graph.find_nodes(op="call_module")
+    assert call.meta["hpuopt.piece"] is info and info.static
+    assert [a.name for a in call.args] == [a.name for a in their_call.args] == ["a"]
+    assert mine.submod_0._is_impure  # kept by dead-code elimination despite no outputs
+    for split in (mine, theirs):  # same results and same write to ``a`` as the original
+        x, y, z = torch.randn(5), torch.randn(5), torch.randn(5)
+        x_ref = x.clone()
+        want = _graph_returning(outputs)(x_ref, y, z)
+        got = split(x, y, z)
+        torch.testing.assert_close(x, x_ref)
+        assert len(got) == len(want)
+        for g_, w_ in zip(got, want):
+            if w_ is None:
+                assert g_ is None
+            else:
+                torch.testing.assert_close(g_, w_)
