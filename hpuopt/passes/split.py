@@ -437,7 +437,7 @@ def _one_piece(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """
     graph = gm.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
-    output = graph.output_node()
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     in_body = set(body)
     inputs = [p for p in placeholders if any(u in in_body for u in p.users)]

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._dynamo.backends.common import aot_autograd
 
+import hpuopt.optim
 from hpuopt.config import Config
 from hpuopt.passes.fused_adam import FusedAdamPass, FusedAdamRewrite, RewriteSkipped
 from hpuopt.passes.fused_clip_norm import FusedClipNormPass
@@ -77,11 +78,15 @@ def _assert_same_state(opt, ref, params, twins):
             torch.testing.assert_close(opt.state[p][key], ref.state[q][key])
 
 
-def _run_against_eager(kind, foreach, shapes_per_group, group_options, seed, steps=STEPS, aot=False):
+def _run_against_eager(kind, foreach, shapes_per_group, group_options, seed, steps=STEPS, aot=False,
+                       via="opt.step"):
     torch._dynamo.reset()  # each example is a fresh compile; the recompile limit is per test
     params, opt, twins, ref = _make(shapes_per_group, group_options, kind, foreach, seed)
     backend = PassBackend(FusedAdamPass(), aot=aot)
-    step = torch.compile(lambda: opt.step(), backend=backend)
+    if via == "opt.step":
+        step = torch.compile(lambda: opt.step(), backend=backend)
+    else:  # one graph; a CPU group with foreach=None is traced in its foreach form
+        step = torch.compile(lambda: hpuopt.optim.step(opt), backend=backend)
     gen = torch.Generator().manual_seed(seed + 1)
     for i in range(steps):
         if i == steps // 2:  # a save/load round trip both ways, through plain torch.optim
@@ -93,6 +98,8 @@ def _run_against_eager(kind, foreach, shapes_per_group, group_options, seed, ste
         step()
         ref.step()
     _assert_same_state(opt, ref, params, twins)
+    # the groups (hyperparameters, foreach, capturable) are what eager's are
+    assert opt.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
     return backend
 
 
@@ -112,21 +119,25 @@ shape = st.lists(st.integers(1, 5), min_size=1, max_size=2).map(tuple)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(["Adam", "AdamW"]),
-    foreach=st.booleans(),
+    foreach=st.sampled_from([False, True, None]),
     groups=st.lists(st.tuples(st.lists(shape, min_size=1, max_size=3), hyper), min_size=1, max_size=3),
     seed=st.integers(0, 2**16),
+    via=st.sampled_from(["opt.step", "hpuopt.optim.step"]),
 )
-def test_rewritten_step_equals_eager_torch_optim(kind, foreach, groups, seed):
+def test_rewritten_step_equals_eager_torch_optim(kind, foreach, groups, seed, via):
     shapes = [g[0] for g in groups]
     options = [g[1] for g in groups]
-    backend = _run_against_eager(kind, foreach, shapes, options, seed)
+    backend = _run_against_eager(kind, foreach, shapes, options, seed, via=via)
     rewrites = backend.findings(FusedAdamRewrite)
     assert rewrites, backend.findings(RewriteSkipped)
     assert not backend.findings(RewriteSkipped)
     # every param group of every compile (before and after load_state_dict) became fused calls
     assert sum(r.num_params for r in rewrites) == len(backend.graphs) * sum(map(len, shapes))
+    # _foreach_add_(steps) + fused per group; hpuopt.optim.step also sets and restores grad mode
+    # inside the graph (opt.step() does it in the frames around it)
+    grad_mode = 0 if via == "opt.step" else 2
     for gm in backend.graphs:
-        assert _optimizer_calls(gm) <= 2 * len(groups)  # _foreach_add_(steps) + fused, per group
+        assert _optimizer_calls(gm) <= 2 * len(groups) + grad_mode
     read = {
         (h.lr, (h.beta1, h.beta2), h.eps, h.amsgrad, h.maximize, h.decoupled_weight_decay)
         for h in (r.hyperparams for r in rewrites)
