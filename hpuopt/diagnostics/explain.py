@@ -114,6 +114,10 @@ class AotGraphReport:
     """Pass name -> whether it changed the graph."""
     mark_steps: tuple[str, ...] = ()
     """Why each mark_step boundary was inserted."""
+    rewrites: tuple[str, ...] = ()
+    """The post-AOT rewrites that changed this graph (``reinplace``, ``clip_scale``, ...)."""
+    kept: tuple[str, ...] = ()
+    """Why a post-AOT rewrite left a candidate alone ("clip_scale: <reason>")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +157,23 @@ def explain(session: Session | None = None) -> ExplainReport:
         for a in g.aot_graphs:
             pieces = tuple(_piece_report(p) for p in a.pieces)
             steps = tuple(m.reason for m in a.findings.get("mark_step", ()))
-            aots.append(AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes), steps))
+            rewrites = tuple(n for n in _AOT_REWRITES if a.passes.get(n))
+            kept = tuple(
+                f"{n}: {f.reason}"
+                for n in _AOT_REWRITES
+                for f in a.findings.get(n, ())
+                if type(f).__name__ in ("ClipScaleKept", "ReinplaceSkipped")
+            )
+            aots.append(
+                AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes), steps, rewrites, kept)
+            )
         rewrites = tuple(name for name, changed in g.pre_aot.items() if changed)
         graphs.append(GraphReport(g.index, g.num_nodes, tuple(aots), rewrites, dict(g.findings)))
     return ExplainReport(tuple(graphs), counters.snapshot())
+
+
+# the post-AOT passes that rewrite ops (the others split, plan and clean up)
+_AOT_REWRITES = ("reinplace", "clip_scale", "masked_fill")
 
 
 def _piece_report(p: PieceRecord) -> PieceReport:
@@ -201,6 +218,10 @@ def render(report: ExplainReport) -> str:
                 f"  {a.kind} ({a.runtime} runtime): {len(a.pieces)} piece(s), "
                 f"{static} captured, {len(a.pieces) - static} run as is"
             )
+            if a.rewrites:
+                lines.append(f"    rewritten by: {', '.join(a.rewrites)}")
+            for why in a.kept:
+                lines.append(f"    left alone by {why}")
             for p in a.pieces:
                 if p.captured:
                     lines.append(

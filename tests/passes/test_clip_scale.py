@@ -181,3 +181,30 @@ def test_compiled_clip_and_step_folds_and_matches_eager_over_20_steps():
     (inference,) = backend.graphs(stage="post_aot")
     assert isinstance(inference.result.results["clip_scale"].findings[0], ClipScaleFolded)
     assert count_ops(inference.after, aten._foreach_mul_) == 0
+    assert "rewritten by: reinplace, clip_scale" in str(backend.explain())
+
+
+def test_explain_names_the_fold_and_what_kept_the_multiply():
+    sizes = [6, 9]
+    a = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a, opt_b = torch.optim.AdamW(a, lr=0.01), torch.optim.AdamW(b, lr=0.01)
+
+    def step(params, opt, use_hpuopt):
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        seen = params[0].grad.sum()  # reads a clipped gradient before the update
+        hpuopt.optim.step(opt) if use_hpuopt else opt.step()
+        return seen
+
+    backend = RecordingBackend()
+    compiled = torch.compile(lambda: step(a, opt_a, True), backend=backend)
+    for _ in range(3):
+        grads = [torch.randn(n) * 3 for n in sizes]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch.testing.assert_close(compiled(), step(b, opt_b, False))
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q)
+    text = str(backend.explain())
+    assert "rewritten by: reinplace" in text and "clip_scale" not in text.split("left alone")[0]
+    assert "left alone by clip_scale: " in text and "after it is scaled" in text
