@@ -29,6 +29,14 @@ into the same fused kernel; where it does not fire, the foreach form runs, which
 as the same algorithm. The group's ``foreach`` is back to ``None`` when the step returns, so the
 optimizer's ``state_dict`` is unchanged. A group that sets ``foreach`` or ``fused``, or a
 ``differentiable`` or ``capturable`` optimizer, is traced as written.
+
+With an LR scheduler, give the optimizer a tensor learning rate (``Adam(params,
+lr=torch.tensor(1e-3))``): a float ``lr`` is a constant of the compiled graph, so every new value
+the scheduler sets recompiles it (Dynamo gives up after its recompile limit and runs the step
+uncompiled); a tensor ``lr`` is an input of the graph. Eagerly, :func:`step` records that the
+optimizer stepped the way the scheduler's wrapper around ``optimizer.step`` does; under
+``torch.compile`` Dynamo drops that write, and the scheduler's first ``step()`` warns that it
+seems to come before the optimizer's. That one warning is spurious.
 """
 
 from __future__ import annotations
@@ -88,6 +96,12 @@ def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = N
         raise TypeError(
             f"hpuopt.optim.step takes a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
+    # What an LR scheduler's wrapper around ``optimizer.step`` records before it steps (the
+    # scheduler warns when its own step() seems to come first); this call goes around that
+    # wrapper. Set whether or not a scheduler is attached: only schedulers read it. (Under
+    # torch.compile, Dynamo drops attribute writes to an optimizer whose update it traces, so a
+    # scheduler still warns once there; the module docstring says so.)
+    optimizer._opt_called = True
     update = undecorated_step(type(optimizer))
     if update is None:
         return optimizer.step() if closure is None else optimizer.step(closure)

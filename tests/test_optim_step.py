@@ -241,3 +241,43 @@ def test_foreach_form_is_only_traced_under_compile():
     assert hpuopt.optim._groups_traced_as_foreach(opt) == []  # eager: torch's own choice
     opt.param_groups[0]["foreach"] = True
     assert hpuopt.optim._groups_traced_as_foreach(opt) == []
+
+
+def test_lr_scheduler_sees_the_eager_step():
+    a, opt, b, ref = _pair("adam", [4, 2], lr=0.1)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.ExponentialLR(ref, gamma=0.5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler.step.*")
+        for _ in range(3):
+            _set_grads(a, b)
+            hpuopt.optim.step(opt)
+            sched.step()
+            ref.step()
+            ref_sched.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 0.1 * 0.5**3
+
+
+def test_tensor_lr_with_a_scheduler_is_one_graph_and_matches_eager():
+    sizes = [5, 7, 3]
+    a = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = torch.optim.AdamW(a, lr=torch.tensor(0.05), weight_decay=0.01)
+    opt_b = torch.optim.AdamW(b, lr=torch.tensor(0.05), weight_decay=0.01)
+    sched_a = torch.optim.lr_scheduler.ExponentialLR(opt_a, gamma=0.8)
+    sched_b = torch.optim.lr_scheduler.ExponentialLR(opt_b, gamma=0.8)
+    compiled = torch.compile(_train_step(a, opt_a, True), backend="hpugraph")
+    for _ in range(8):
+        _set_grads(a, b)
+        compiled()
+        sched_a.step()
+        _train_step(b, opt_b, False)()
+        sched_b.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q)
+    assert hpuopt.counters.dynamo_graphs == 1  # the changing lr is a graph input, no recompile
+    torch.testing.assert_close(opt_a.param_groups[0]["lr"], opt_b.param_groups[0]["lr"])
