@@ -441,10 +441,9 @@ def _one_piece(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     in_body = set(body)
     inputs = [p for p in placeholders if any(u in in_body for u in p.users)]
-    results: list[torch.fx.Node] = []
-    torch.fx.map_arg(
-        output.args[0], lambda a: results.append(a) if a in in_body and a not in results else None
-    )
+    found: dict[torch.fx.Node, None] = {}  # ordered, each value once
+    torch.fx.map_arg(output.args[0], lambda a: found.setdefault(a) if a in in_body else None)
+    results = list(found)
 
     sub = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
