@@ -76,7 +76,7 @@ class ClipScalePass(GraphPass):
         order = {n: i for i, n in enumerate(nodes)}
         for node in nodes:
             if node.op == "call_function" and node.target is aten._foreach_mul_.Tensor:
-                if _reads_only_fused_adam(node, order):
+                if _feeds_fused_adam(node, order):
                     findings.append(_fold(gm, node, order))
         changed = any(isinstance(f, ClipScaleFolded) for f in findings)
         if changed:
@@ -85,12 +85,15 @@ class ClipScalePass(GraphPass):
         return PassResult(gm, changed, tuple(findings))
 
 
-def _reads_only_fused_adam(mul: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
+def _feeds_fused_adam(mul: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
     """Is some later reader of the scaled tensors a fused Adam kernel? (Otherwise this multiply
     is not a clip before a step, and not worth a finding.)"""
-    for t in mul.args[0]:
-        for user in t.users:
-            if order[user] > order[mul] and user.target in _FUSED_ADAM:
+    grads = mul.args[0]
+    if not isinstance(grads, (list, tuple)):
+        return False
+    for t in grads:
+        for user in getattr(t, "users", ()):
+            if order.get(user, -1) > order[mul] and user.target in _FUSED_ADAM:
                 return True
     return False
 
@@ -104,6 +107,8 @@ def _fold(
     grads, coef = mul.args[0], mul.args[1]
     if mul.users:
         return keep("the multiply's result is used")
+    if not all(isinstance(g, torch.fx.Node) for g in grads):
+        return keep("the scaled list holds something other than graph values")
     if len(set(grads)) != len(grads):
         return keep("a gradient is scaled twice")
     val = coef.meta.get("val") if isinstance(coef, torch.fx.Node) else None
@@ -119,10 +124,8 @@ def _fold(
         if not isinstance(gval, torch.Tensor) or gval.device != device:
             return keep(f"{g.name} is not on the scale's device")
         for user in g.users:
-            if order[user] < order[mul]:
-                continue
-            if user is mul:
-                continue
+            if user is mul or order.get(user, len(order)) < order[mul]:
+                continue  # nodes this pass added (not in ``order``) count as later readers
             if user.target not in _FUSED_ADAM:
                 return keep(f"{user.name} reads {g.name} after it is scaled")
             if user not in kernels:
@@ -133,8 +136,8 @@ def _fold(
     for k in kernels:
         if k.kwargs.get("grad_scale") is not None or k.kwargs.get("found_inf") is not None:
             return keep(f"{k.name} already has a grad_scale or found_inf")
-        if len(k.args) > 6:
-            return keep(f"{k.name} passes its options positionally")
+        if len(k.args) > 6 or not isinstance(k.args[1], (list, tuple)):
+            return keep(f"{k.name} passes its options positionally or its gradients as one value")
         k_grads = list(k.args[1])
         if not set(k_grads) <= scaled:
             return keep(f"{k.name} also reads gradients the clip did not scale")
@@ -144,7 +147,7 @@ def _fold(
         covered.update(k_grads)
     if covered != scaled:
         return keep("some scaled gradients are read by no fused kernel")
-    first = min(kernels, key=order.__getitem__)
+    first = min(kernels, key=lambda k: order.get(k, len(order)))
     with gm.graph.inserting_before(first):
         scale = gm.graph.call_function(aten.reciprocal.default, (coef,))
     scale.meta["val"] = val  # a float32 scalar on the same device, like its reciprocal
