@@ -552,21 +552,29 @@ def _bind_input(build: Callable[[], Any], x: torch.Tensor) -> Callable[[], Calla
     return bound
 
 
+def cuda_capture(fn: Callable[[torch.Tensor], Any], inp: torch.Tensor, pool: Any = None,
+                 side: Any = None) -> tuple[Any, Any]:
+    """The hand-written rows' capture: three warm-up runs of ``fn(inp)`` on a side stream, then
+    one CUDA graph of it (in ``pool`` when given). Returns the graph and its static output."""
+    side = torch.cuda.Stream() if side is None else side
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(inp)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(inp)
+    return graph, out
+
+
 # -- W1 ---------------------------------------------------------------------------------------
 
 
 def hand_w1(model: torch.nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """One CUDA graph for this batch size: static input in, static output out (not cloned)."""
     static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = model(static_x)
+    graph, static_y = cuda_capture(model, static_x)
 
     def call(inp: torch.Tensor) -> torch.Tensor:
         static_x.copy_(inp)
@@ -632,15 +640,8 @@ def hand_w2(model: torch.nn.Module, buckets: Sequence[int], hidden: int, device:
     side = torch.cuda.Stream()
     for b in sorted(buckets, reverse=True):
         xb = torch.zeros(b, hidden, device=device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(xb)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            static_out[b] = model(xb)
-        static_in[b], graphs[b] = xb, g
+        graphs[b], static_out[b] = cuda_capture(model, xb, pool, side)
+        static_in[b] = xb
     torch.cuda.synchronize()
 
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -745,24 +746,12 @@ def hand_w3(model: MaskedTwoHalves, x0: torch.Tensor, hidden: int, device: str
     pool = torch.cuda.graph_pool_handle()
     side = torch.cuda.Stream()
     rows = x0.shape[0]
-
-    def capture(fn: Callable[[torch.Tensor], torch.Tensor], inp: torch.Tensor) -> Any:
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn(inp)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool):
-            out = fn(inp)
-        return g, out
-
     static_x = x0.clone()
-    g1, static_h = capture(model.first, static_x)
+    g1, static_h = cuda_capture(model.first, static_x, pool, side)
     second: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
     for b in sorted({next_pow2(n) for n in range(1, rows + 1)}, reverse=True):
         inp = torch.zeros(b, hidden, device=device)
-        g, out = capture(model.second, inp)
+        g, out = cuda_capture(model.second, inp, pool, side)
         second[b] = (g, inp, out)
     torch.cuda.synchronize()
     thr = model.thr

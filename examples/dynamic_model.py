@@ -75,26 +75,33 @@ def compare(name: str, model: nn.Module, reference: nn.Module) -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name}: {pname}")
 
 
-def run_control_flow(steps: int) -> hpuopt.CompiledModel:
-    rng = random.Random(0)
-    paths = [1 if rng.random() > 0.5 else 2 for _ in range(steps)]
-    inputs = [torch.rand(5, 784) for _ in range(steps)]
-    batches = [(x, x.mean()) for x in inputs]
-    base = ControlFlowNet()
-
+def train_three_ways(label: str, base: nn.Module, batches, paths, opt_in: list[str]):
+    """Trains copies of ``base`` eagerly, through ``hpuopt.compile`` and with the submodules
+    named in ``opt_in`` wrapped by ``ModuleCacher``; checks both against eager."""
     eager = copy.deepcopy(base)
     train(eager, eager, batches, paths)
 
     whole = copy.deepcopy(base)
     compiled = hpuopt.compile(whole)
     train(whole, compiled, batches, paths)
-    compare("control flow, hpuopt.compile", whole, eager)
+    compare(f"{label}, hpuopt.compile", whole, eager)
 
     opted = copy.deepcopy(base)
-    for sub in (opted.module1, opted.module2, opted.module3):
-        hpuopt.ModuleCacher(max_graphs=10)(model=sub, inplace=True)
+    for name in opt_in:
+        hpuopt.ModuleCacher(max_graphs=10)(model=opted.get_submodule(name), inplace=True)
     train(opted, opted, batches, paths)
-    compare("control flow, ModuleCacher", opted, eager)
+    compare(f"{label}, ModuleCacher", opted, eager)
+    return eager, compiled, opted
+
+
+def run_control_flow(steps: int) -> hpuopt.CompiledModel:
+    rng = random.Random(0)
+    paths = [1 if rng.random() > 0.5 else 2 for _ in range(steps)]
+    inputs = [torch.rand(5, 784) for _ in range(steps)]
+    batches = [(x, x.mean()) for x in inputs]
+    _, compiled, opted = train_three_ways(
+        "control flow", ControlFlowNet(), batches, paths, ["module1", "module2", "module3"]
+    )
 
     graphs = {n: m.forward.stats()["graphs"] for n, m in opted.named_children()}
     print(f"control flow: {steps} steps, path 1 taken {paths.count(1)}x, path 2 {paths.count(2)}x; "
@@ -106,21 +113,9 @@ def run_dynamic_op(steps: int) -> hpuopt.CompiledModel:
     inputs = [torch.randn(5, 10) for _ in range(steps)]
     batches = [(x, x.mean()) for x in inputs]
     paths = [None] * steps
-    base = DynamicOpNet()
-
-    eager = copy.deepcopy(base)
-    train(eager, eager, batches, paths)
-
-    whole = copy.deepcopy(base)
-    compiled = hpuopt.compile(whole)
-    train(whole, compiled, batches, paths)
-    compare("dynamic op, hpuopt.compile", whole, eager)
-
-    opted = copy.deepcopy(base)
-    hpuopt.ModuleCacher(max_graphs=10)(model=opted.module1, inplace=True)
-    hpuopt.ModuleCacher(max_graphs=10)(model=opted.module2, inplace=True)
-    train(opted, opted, batches, paths)
-    compare("dynamic op, ModuleCacher", opted, eager)
+    eager, compiled, opted = train_three_ways(
+        "dynamic op", DynamicOpNet(), batches, paths, ["module1", "module2"]
+    )
 
     kept = [int((eager.module1(x) > 0).sum()) for x, _ in batches]
     relu = opted.module2.forward.stats()

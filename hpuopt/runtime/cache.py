@@ -206,7 +206,7 @@ ABOVE_LARGEST = object()
 class Padder:
     """The padded path of one piece: bucketed signature, static buffers, loads (see above)."""
 
-    def __init__(self, plan: PaddingPlan, policy: BucketPolicy, args: ArgPlan) -> None:
+    def __init__(self, plan: PaddingPlan, policy: BucketPolicy) -> None:
         self.plan = plan
         self.policy = policy
         self.sources: tuple[PadSource, ...] = plan.padded
@@ -214,8 +214,6 @@ class Padder:
         for src in self.sources:
             self.dims.setdefault(src.input, []).append(src)
         self.size_inputs = {si.input: si.source for si in plan.size_inputs}
-        self.keyed = args.keyed
-        self.copied = args.copied
         self.zero = plan.required_pad_value == 0.0
 
     def sizes(self, args: Sequence[Any]) -> dict[PadSource, tuple[int, int]] | object | None:
@@ -236,9 +234,11 @@ class Padder:
                 return None
         return out
 
-    def key(self, args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]) -> tuple:
+    def key(
+        self, args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]], keyed: Sequence[int]
+    ) -> tuple:
         parts: list[Any] = []
-        for i in self.keyed:
+        for i in keyed:
             if i in self.dims:
                 shape = list(args[i].shape)
                 for src in self.dims[i]:
@@ -270,10 +270,14 @@ class Padder:
             static[i] = sizes[src][1]
 
     def load(
-        self, inputs: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
+        self,
+        inputs: list[Any],
+        args: Sequence[Any],
+        sizes: dict[PadSource, tuple[int, int]],
+        copied: Sequence[int],
     ) -> None:
         real_elems = pad_elems = 0
-        for i in self.copied:
+        for i in copied:
             if i in self.dims:
                 buf = inputs[i]
                 if self.zero:
@@ -357,7 +361,7 @@ class PieceRunner:
         self.plan = arg_plan(gm, stable)
         self._padding_plan = padding
         self.padder = (
-            Padder(padding, BucketPolicy(config), self.plan)
+            Padder(padding, BucketPolicy(config))
             if padding is not None and padding.padded
             else None
         )
@@ -400,8 +404,6 @@ class PieceRunner:
             copied=tuple(sorted(copied)),
             mutated_copied=tuple(i for i in plan.mutated if i in copied),
         )
-        if self.padder is not None:
-            self.padder.copied = self.plan.copied
         self.clear()
 
     def _observe(self, args: Sequence[Any]) -> None:
@@ -476,8 +478,6 @@ class PieceRunner:
             keyed=tuple(sorted(set(plan.keyed) | not_tensors)),
             full_storage=tuple(i for i in plan.full_storage if i not in not_tensors),
         )
-        if self.padder is not None:
-            self.padder.copied = self.plan.copied
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -488,10 +488,15 @@ class PieceRunner:
             return self._call_padded(args)
         return self._call_exact(args)
 
+    def _exact_key(self, args: Sequence[Any]) -> tuple:
+        plan = self.plan
+        key = tuple(_key_part(args[i]) for i in plan.keyed) if plan.keyed else ()
+        if plan.full_storage:
+            key += tuple(_storage_key(args[i]) for i in plan.full_storage)
+        return key
+
     def _call_exact(self, args: Sequence[Any]) -> Any:
-        key = tuple(_key_part(args[i]) for i in self.plan.keyed)
-        if self.plan.full_storage:
-            key += tuple(_storage_key(args[i]) for i in self.plan.full_storage)
+        key = self._exact_key(args)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._miss(key, args)
@@ -511,7 +516,7 @@ class PieceRunner:
         if entry.plain_copies:  # one multi-tensor copy instead of a launch per input
             copied = self.plan.copied
             torch._foreach_copy_(entry.copy_targets, [args[i] for i in copied], non_blocking=True)
-        else:
+        elif self.plan.copied:
             entry.load_slowly(args)
         if not self._replay(entry):
             return self._replay_failed(key, args)
@@ -540,7 +545,7 @@ class PieceRunner:
             counters.uncaptured_runs += 1
             self.fallback_reasons.setdefault(("above",), "size above the largest bucket")
             return self.gm(*args)
-        key = padder.key(args, sizes)
+        key = padder.key(args, sizes, self.plan.keyed)
         entry = self.entries.get(key)
         if entry is None:
             entry = self._miss(key, args, sizes)
@@ -553,7 +558,7 @@ class PieceRunner:
             return self.gm(*args)
         if [args[i].data_ptr() for i in self.plan.stable] != entry.ptrs:
             entry = self._recapture(key, args, entry, sizes)
-        padder.load(entry.inputs, args, sizes)
+        padder.load(entry.inputs, args, sizes, self.plan.copied)
         if not (entry.graph.executed and entry.fresh) and not self._replay(entry):
             return self._replay_failed(key, args)
         entry.fresh = False
@@ -620,9 +625,12 @@ class PieceRunner:
         if not self.entries and not self._saw_args:
             keyed = self.plan.keyed
             self._adopt_parameters(args)
-            if sizes is None and self.plan.keyed != keyed:  # the key holds new arguments now
-                key = tuple(_key_part(args[i]) for i in self.plan.keyed)
-                key += tuple(_storage_key(args[i]) for i in self.plan.full_storage)
+            if self.plan.keyed != keyed:  # the key holds new arguments now
+                if sizes is None:
+                    key = self._exact_key(args)
+                else:
+                    assert self.padder is not None
+                    key = self.padder.key(args, sizes, self.plan.keyed)
         self.misses += 1
         counters.cache_misses += 1
         entry = self._capture(key, args, sizes)
