@@ -27,7 +27,8 @@ from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
 from hpuopt.diagnostics.explain import AotGraphRecord, GraphRecord, PieceRecord, Session
 from hpuopt.diagnostics.explain import default_session
-from hpuopt.passes.split import PieceInfo, build_pieces
+from hpuopt.passes.split import build_pieces
+from hpuopt.records import PieceInfo
 from hpuopt.passes.base import GraphPass
 from hpuopt.pipeline import PipelineResult, run_pipeline
 from hpuopt.runtime import select_runtime

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from hpuopt.diagnostics.counters import Counters, counters
-from hpuopt.passes.split import PieceInfo, SplitReason
+from hpuopt.records import PieceInfo, SplitReason
 
 
 @dataclasses.dataclass

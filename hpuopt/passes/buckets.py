@@ -19,13 +19,8 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
-from hpuopt.passes.padding import PaddingPlan, analyze_padding, default_pad_dims
-
-
-@dataclasses.dataclass(frozen=True)
-class PiecePadding:
-    piece: str
-    plan: PaddingPlan
+from hpuopt.passes.padding import analyze_padding, default_pad_dims
+from hpuopt.records import PiecePadding
 
 
 @dataclasses.dataclass(frozen=True)

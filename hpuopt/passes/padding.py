@@ -12,7 +12,7 @@ module proves it, or says precisely which node breaks it and why. It changes not
     >>> plan = analyze_padding(gm, {0: 0})            # propose: input 0, dim 0
     >>> plan.safe, [str(d) for d in plan.outputs]
     (True, ['output 0 dim 0 = input 0 dim 0'])
-    >>> outs = plan.slice_outputs(gm(*padded_inputs), real_inputs, padded_inputs)
+    >>> outs = slice_outputs(plan, gm(*padded_inputs), real_inputs, padded_inputs)  # hpuopt.runtime.padder
 
 The question, stated exactly
 ----------------------------
@@ -205,6 +205,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult, Stage
+from hpuopt.records import (
+    InputVerdict,
+    OutputDim,
+    PaddingPlan,
+    PadSource,
+    SizeInput,
+    UnsafeReason,
+)
 
 __all__ = [
     "InputVerdict",
@@ -219,150 +227,6 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
-
-# ------------------------------------------------------------------------------------------------
-# Public records
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class PadSource:
-    """A proposed padded dimension: placeholder ``input`` (index among placeholders), dim ``dim``."""
-
-    input: int
-    dim: int
-
-    def __str__(self) -> str:
-        return f"input {self.input} dim {self.dim}"
-
-
-@dataclasses.dataclass(frozen=True)
-class UnsafeReason:
-    """Why padding is unsafe: the node, its op, the reason and the user's source line."""
-
-    node: str
-    op: str
-    why: str
-    source_line: str | None = None
-    sources: tuple[PadSource, ...] = ()
-
-    def __str__(self) -> str:
-        where = f" (at {self.source_line})" if self.source_line else ""
-        return f"{self.node} [{self.op}]: {self.why}{where}"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputVerdict:
-    """The verdict for one proposed ``(input, dim)``.
-
-    ``required_pad_value`` is ``None`` when any pad contents are fine, ``0.0`` when the plan is only
-    exact with zero padding. ``reasons`` is empty exactly when ``safe``.
-    """
-
-    source: PadSource
-    safe: bool
-    required_pad_value: float | None = None
-    reasons: tuple[UnsafeReason, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputDim:
-    """Output ``output`` dim ``dim`` carries the padded extent of ``source``.
-
-    Its real extent is ``padded_extent − (N − n) · factor`` where ``N``/``n`` are the padded and real
-    sizes of the source and ``factor = scale · Π inputs[i].shape[d] for (i, d) in scale_dims`` (dims
-    merged under the source by a reshape; they are never padded themselves). ``shifted``: the real
-    region starts after a fixed block (``cat([cache, x])``), so the extent is ``k + n·factor``.
-    """
-
-    output: int
-    dim: int
-    source: PadSource
-    scale: int = 1
-    scale_dims: tuple[tuple[int, int], ...] = ()
-    shifted: bool = False
-
-    def factor(self, inputs: Sequence[Any]) -> int:
-        value = self.scale
-        for i, d in self.scale_dims:
-            value *= int(inputs[i].shape[d])
-        return value
-
-    def real_extent(self, padded_extent: int, real_size: int, padded_size: int,
-                    inputs: Sequence[Any]) -> int:
-        return padded_extent - (padded_size - real_size) * self.factor(inputs)
-
-    def __str__(self) -> str:
-        terms = [str(self.source)]
-        if self.scale != 1:
-            terms.append(str(self.scale))
-        terms += [f"input {i} dim {d}" for i, d in self.scale_dims]
-        text = f"output {self.output} dim {self.dim} = " + " × ".join(terms)
-        return text + (" + fixed prefix" if self.shifted else "")
-
-
-@dataclasses.dataclass(frozen=True)
-class SizeInput:
-    """A ``SymInt`` placeholder equal to a padded extent: the runtime must pass the padded size."""
-
-    input: int
-    source: PadSource
-
-
-@dataclasses.dataclass(frozen=True)
-class PaddingPlan:
-    """Result of :func:`analyze_padding`: verdict per proposed dim, sliced output dims, ties."""
-
-    inputs: tuple[InputVerdict, ...]
-    outputs: tuple[OutputDim, ...] = ()
-    size_inputs: tuple[SizeInput, ...] = ()
-    ties: tuple[tuple[PadSource, PadSource], ...] = ()
-    """Pairs of sources that meet on one dim: they must be padded to the same bucket."""
-
-    @property
-    def safe(self) -> bool:
-        """Every proposed dim can be padded (vacuously true for an empty proposal)."""
-        return all(v.safe for v in self.inputs)
-
-    @property
-    def padded(self) -> tuple[PadSource, ...]:
-        """The sources this plan pads (the jointly safe ones)."""
-        return tuple(v.source for v in self.inputs if v.safe)
-
-    @property
-    def reasons(self) -> tuple[UnsafeReason, ...]:
-        seen: dict[UnsafeReason, None] = {}
-        for v in self.inputs:
-            seen.update(dict.fromkeys(v.reasons))
-        return tuple(seen)
-
-    @property
-    def required_pad_value(self) -> float | None:
-        values = {v.required_pad_value for v in self.inputs if v.safe} - {None}
-        return values.pop() if values else None
-
-    def verdict(self, input: int, dim: int) -> InputVerdict:
-        for v in self.inputs:
-            if v.source == PadSource(input, dim):
-                return v
-        raise KeyError(f"input {input} dim {dim} was not proposed for padding")
-
-    def slice_outputs(self, outputs: Sequence[Any], real_inputs: Sequence[Any],
-                      padded_inputs: Sequence[Any]) -> list[Any]:
-        """Cuts every padded output dim back to its real extent (``narrow``, no copy)."""
-        result = list(outputs)
-        for od in self.outputs:
-            n = _extent_of(real_inputs[od.source.input], od.source.dim)
-            big = _extent_of(padded_inputs[od.source.input], od.source.dim)
-            out = result[od.output]
-            real = od.real_extent(int(out.shape[od.dim]), n, big, real_inputs)
-            result[od.output] = out.narrow(od.dim, 0, real)
-        return result
-
-
-def _extent_of(value: Any, dim: int) -> int:
-    return int(value.shape[dim]) if isinstance(value, torch.Tensor) else int(value)
-
 
 # ------------------------------------------------------------------------------------------------
 # Abstract domain

@@ -54,7 +54,7 @@ import dataclasses
 import logging
 import operator
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -63,20 +63,13 @@ from torch.fx.passes.split_module import split_module
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt.records import PieceInfo, SplitCategory, SplitReason
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
-Reason = Literal[
-    "collective",
-    "data_dependent_shape",
-    "host_read",
-    "device_copy",
-    "host_scalar",
-    "host_tensor",
-    "known_uncapturable",
-]
+Reason = SplitCategory
 
 # Ops a device graph can never hold, whatever their metadata says. Keyed by overload packet.
 UNCAPTURABLE_OPS: frozenset[Any] = frozenset(
@@ -124,34 +117,6 @@ def _has_bool_index(node: torch.fx.Node) -> bool:
 _COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d", "_dtensor"})
 
 _HOST_READ_OPS = frozenset({aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal})
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitReason:
-    """Why one node was kept out of device graphs."""
-
-    node: str
-    op: str
-    reason: Reason
-    detail: str
-    source: str | None = None
-    """The last frame of the user's source (``file:line in fn: code``), when known."""
-
-    def __str__(self) -> str:
-        where = f"  at {self.source}" if self.source else ""
-        return f"{self.node} ({self.op}): {self.reason}: {self.detail}{where}"
-
-
-@dataclasses.dataclass(frozen=True)
-class PieceInfo:
-    """One piece of a split graph."""
-
-    name: str
-    static: bool
-    nodes: tuple[str, ...]
-    ops: tuple[str, ...]
-    reasons: tuple[SplitReason, ...] = ()
-    """For a dynamic piece, why each of its nodes cannot be captured."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,12 +65,11 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
 from hpuopt.errors import CaptureError, FallbackError
-from hpuopt.passes.padding import PaddingPlan, PadSource
+from hpuopt.records import PaddingPlan
 from hpuopt.runtime.base import (
     CapturedGraph,
     Runtime,
@@ -80,116 +79,10 @@ from hpuopt.runtime.base import (
     tensor_nbytes,
 )
 from hpuopt.runtime.buckets import BucketPolicy
+from hpuopt.runtime.padder import ABOVE_LARGEST, Padder, slice_outputs
+from hpuopt.runtime.signature import ArgPlan, arg_plan, describe_key, key_part, storage_key
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ArgPlan:
-    """How a piece treats its positional arguments, decided once from graph metadata."""
-
-    tensor: tuple[int, ...]
-    """Indices of tensor arguments."""
-    copied: tuple[int, ...]
-    """Tensor arguments copied into static buffers each call."""
-    stable: tuple[int, ...]
-    """Tensor arguments read in place (parameters, buffers); their address is checked."""
-    keyed: tuple[int, ...]
-    """Arguments whose shape, strides or value can vary: they form the cache key."""
-    mutated: tuple[int, ...]
-    """Arguments the piece writes to."""
-    mutated_copied: tuple[int, ...] = ()
-    """Mutated arguments that have a static copy: written back to the caller after a run."""
-    unsupported: str | None = None
-    """Why this piece cannot be captured at all (an argument a signature cannot describe)."""
-    full_storage: tuple[int, ...] = ()
-    """Arguments the piece reads through ``as_strided`` (possibly beyond the view's own
-    elements): their whole storage is copied, and its size is part of the key."""
-
-
-def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mutated = mutated_inputs(gm)
-    tensor, copied, stable_idx, keyed = [], [], [], []
-    unsupported = None
-    for i, node in enumerate(placeholders):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            tensor.append(i)
-            (stable_idx if stable[i] else copied).append(i)
-            if _symbolic_tensor(val):
-                keyed.append(i)
-        elif isinstance(val, (list, tuple, dict)):
-            unsupported = f"argument {node.name} is a container ({type(val).__name__})"
-        elif val is None or isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            keyed.append(i)  # unknown or symbolic: let its runtime value into the key
-    full = tuple(sorted(_as_strided_inputs(gm) & set(copied)))
-    keyed.extend(i for i in full if i not in keyed)
-    return ArgPlan(
-        full_storage=full,
-        tensor=tuple(tensor),
-        copied=tuple(copied),
-        stable=tuple(stable_idx),
-        keyed=tuple(keyed),
-        mutated=tuple(sorted(mutated)),
-        mutated_copied=tuple(sorted(mutated & set(copied))),
-        unsupported=unsupported,
-    )
-
-
-def _symbolic_tensor(val: torch.Tensor) -> bool:
-    try:
-        return bool(free_symbols(val))
-    except (TypeError, AttributeError):  # metadata without a shape env
-        return True
-
-
-def _as_strided_inputs(gm: torch.fx.GraphModule) -> set[int]:
-    """Placeholders that reach an ``as_strided`` through views."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    base_of = {n: i for i, n in enumerate(placeholders)}
-    out: set[int] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        packet = getattr(node.target, "overloadpacket", None)
-        src = node.args[0] if node.args else None
-        if not isinstance(src, torch.fx.Node) or src not in base_of:
-            continue
-        if packet in (torch.ops.aten.as_strided, torch.ops.aten.as_strided_):
-            out.add(base_of[src])
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and not schema.is_mutable and schema.returns and (
-            schema.returns[0].alias_info is not None
-        ):
-            base_of[node] = base_of[src]
-    return out
-
-
-def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
-    """Indices of placeholders that some op of ``gm`` writes to (directly or through a view)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    base_of: dict[torch.fx.Node, int] = {n: i for i, n in enumerate(placeholders)}
-    out: set[int] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            continue
-        for arg_schema, arg in zip(schema.arguments, node.args):
-            writes = arg_schema.alias_info is not None and arg_schema.alias_info.is_write
-            if not writes:
-                continue
-            for a in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor(a!)[] too
-                if isinstance(a, torch.fx.Node) and a in base_of:
-                    out.add(base_of[a])
-        if not schema.is_mutable:
-            # views keep pointing at their base, so writes through them count
-            for arg_schema, arg in zip(schema.arguments, node.args):
-                if arg_schema.alias_info is not None and arg in base_of:
-                    base_of[node] = base_of[arg]
-    return out
 
 
 _MOVES_BEFORE_COPY = 2
@@ -198,105 +91,6 @@ _MOVES_BEFORE_COPY = 2
 _SAME_BEFORE_STABLE = 2
 """A copied input whose address stayed the same over this many calls after the first is read in
 place from then on (see :meth:`PieceRunner._observe`)."""
-
-ABOVE_LARGEST = object()
-"""Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
-
-
-class Padder:
-    """The padded path of one piece: bucketed signature, static buffers, loads (see above)."""
-
-    def __init__(self, plan: PaddingPlan, policy: BucketPolicy) -> None:
-        self.plan = plan
-        self.policy = policy
-        self.sources: tuple[PadSource, ...] = plan.padded
-        self.dims: dict[int, list[PadSource]] = {}
-        for src in self.sources:
-            self.dims.setdefault(src.input, []).append(src)
-        self.size_inputs = {si.input: si.source for si in plan.size_inputs}
-        self.zero = plan.required_pad_value == 0.0
-
-    def sizes(self, args: Sequence[Any]) -> dict[PadSource, tuple[int, int]] | object | None:
-        """``{source: (real, bucket)}``; ``None`` when this call cannot be padded; or
-        :data:`ABOVE_LARGEST`."""
-        out: dict[PadSource, tuple[int, int]] = {}
-        for src in self.sources:
-            arg = args[src.input]
-            if not arg.is_contiguous():
-                return None
-            n = arg.shape[src.dim]
-            b = self.policy.bucket(n)
-            if b is None:
-                return ABOVE_LARGEST
-            out[src] = (n, b)
-        for a, b in self.plan.ties:
-            if a in out and b in out and out[a][1] != out[b][1]:
-                return None
-        return out
-
-    def key(
-        self, args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]], keyed: Sequence[int]
-    ) -> tuple:
-        parts: list[Any] = []
-        for i in keyed:
-            if i in self.dims:
-                shape = list(args[i].shape)
-                for src in self.dims[i]:
-                    shape[src.dim] = sizes[src][1]
-                parts.append(("pad", tuple(shape)))
-            elif i in self.size_inputs:
-                parts.append(("size", sizes[self.size_inputs[i]][1]))
-            else:
-                parts.append(_key_part(args[i]))
-        return tuple(parts)
-
-    def prepare(
-        self, static: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
-    ) -> None:
-        """Replaces the padded inputs' static buffers by bucket-shaped ones, sets size inputs."""
-        for i, srcs in self.dims.items():
-            arg = args[i]
-            shape = list(arg.shape)
-            for src in srcs:
-                shape[src.dim] = sizes[src][1]
-            buf = torch.empty(shape, dtype=arg.dtype, device=arg.device)
-            if self.zero:
-                buf.zero_()
-            elif buf.is_floating_point():
-                buf.fill_(float("nan"))
-            static[i] = buf
-            self._real(buf, i, sizes).copy_(arg)
-        for i, src in self.size_inputs.items():
-            static[i] = sizes[src][1]
-
-    def load(
-        self,
-        inputs: list[Any],
-        args: Sequence[Any],
-        sizes: dict[PadSource, tuple[int, int]],
-        copied: Sequence[int],
-    ) -> None:
-        real_elems = pad_elems = 0
-        for i in copied:
-            if i in self.dims:
-                buf = inputs[i]
-                if self.zero:
-                    buf.zero_()
-                self._real(buf, i, sizes).copy_(args[i], non_blocking=True)
-                n = args[i].numel()
-                real_elems += n
-                pad_elems += buf.numel() - n
-            else:
-                copy_into(inputs[i], args[i], non_blocking=True)
-        counters.real_elements += real_elems
-        counters.padded_elements += pad_elems
-
-    def _real(self, buf: torch.Tensor, i: int, sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
-        view = buf
-        for src in self.dims[i]:
-            view = view.narrow(src.dim, 0, sizes[src][0])
-        return view
-
 
 class _Entry:
     """One captured graph with its per-call load/unload work precomputed."""
@@ -490,9 +284,9 @@ class PieceRunner:
 
     def _exact_key(self, args: Sequence[Any]) -> tuple:
         plan = self.plan
-        key = tuple(_key_part(args[i]) for i in plan.keyed) if plan.keyed else ()
+        key = tuple(key_part(args[i]) for i in plan.keyed) if plan.keyed else ()
         if plan.full_storage:
-            key += tuple(_storage_key(args[i]) for i in plan.full_storage)
+            key += tuple(storage_key(args[i]) for i in plan.full_storage)
         return key
 
     def _call_exact(self, args: Sequence[Any]) -> Any:
@@ -581,7 +375,7 @@ class PieceRunner:
             args[back[0]].copy_(inputs[back[0]])
         outs = entry.outputs
         if padder is not None:  # sliced back to the real sizes: no input views to regenerate
-            outs = padder.plan.slice_outputs(outs, args, inputs)
+            outs = slice_outputs(padder.plan, outs, args, inputs)
             escaping = entry.escaping
         elif entry.aliases:
             outs = list(outs)
@@ -755,32 +549,8 @@ class PieceRunner:
         return sum(e.graph.nbytes for e in self.entries.values() if isinstance(e, _Entry))
 
     def describe_keys(self) -> list[str]:
-        return [_describe_key(k) + (" (uncaptured)" if isinstance(e, str) else "")
+        return [describe_key(k) + (" (uncaptured)" if isinstance(e, str) else "")
                 for k, e in self.entries.items()]
-
-
-def _key_part(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return (a.shape, a.stride())
-    return a
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    return (t.untyped_storage().nbytes(), t.storage_offset())
-
-
-def _describe_key(key: tuple) -> str:
-    parts = []
-    for part in key:
-        if isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], torch.Size):
-            parts.append("x".join(map(str, part[0])) or "scalar")
-        elif isinstance(part, tuple) and len(part) == 2 and part[0] == "pad":
-            parts.append("pad " + ("x".join(map(str, part[1])) or "scalar"))
-        elif isinstance(part, tuple) and len(part) == 2 and part[0] == "size":
-            parts.append(f"size {part[1]}")
-        else:
-            parts.append(repr(part))
-    return "(" + ", ".join(parts) + ")" if parts else "(static)"
 
 
 def _lend(buf: torch.Tensor) -> torch.Tensor:

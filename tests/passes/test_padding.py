@@ -23,13 +23,9 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from hpuopt.config import Config
 from hpuopt.passes.base import PassResult
-from hpuopt.passes.padding import (
-    OutputDim,
-    PaddingAnalysisPass,
-    PaddingPlan,
-    PadSource,
-    analyze_padding,
-)
+from hpuopt.passes.padding import PaddingAnalysisPass, analyze_padding
+from hpuopt.records import OutputDim, PaddingPlan, PadSource
+from hpuopt.runtime.padder import slice_outputs
 
 DTYPE = torch.float64  # exact enough that kernels picked for another shape compare tightly
 
@@ -83,7 +79,7 @@ def check_padded_run(gm: torch.fx.GraphModule, plan: PaddingPlan, inputs: Sequen
     for src in plan.padded:
         padded[src.input] = pad_input(padded[src.input], src.dim, bucket, zeros, gen)
     expected = _as_list(gm(*inputs))
-    got = plan.slice_outputs(_as_list(gm(*padded)), list(inputs), padded)
+    got = slice_outputs(plan, _as_list(gm(*padded)), list(inputs), padded)
     assert len(got) == len(expected)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, equal_nan=True)

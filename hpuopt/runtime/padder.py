@@ -1,0 +1,137 @@
+"""The padded path of a piece: bucketed sizes and keys, bucket-shaped static buffers, loads.
+
+A piece whose padding plan proves some dynamic dimensions safe to pad gets a :class:`Padder`:
+the signature holds the *bucket* of each padded size instead of the size, static buffers have
+the bucket's shape, each call copies the real rows into the front of the buffer (zeroing the
+rest when the plan needs zero padding), and :func:`slice_outputs` cuts every output back to its
+real extent. New static buffers start full of NaN in the pad region, so an analysis that wrongly
+called an op safe shows up as NaN in tests rather than as a plausible number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hpuopt.diagnostics.counters import counters
+from hpuopt.records import PaddingPlan, PadSource
+from hpuopt.runtime.base import copy_into
+from hpuopt.runtime.buckets import BucketPolicy
+from hpuopt.runtime.signature import key_part
+
+ABOVE_LARGEST = object()
+"""Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
+
+
+class Padder:
+    """The padded path of one piece: bucketed signature, static buffers, loads (see above)."""
+
+    def __init__(self, plan: PaddingPlan, policy: BucketPolicy) -> None:
+        self.plan = plan
+        self.policy = policy
+        self.sources: tuple[PadSource, ...] = plan.padded
+        self.dims: dict[int, list[PadSource]] = {}
+        for src in self.sources:
+            self.dims.setdefault(src.input, []).append(src)
+        self.size_inputs = {si.input: si.source for si in plan.size_inputs}
+        self.zero = plan.required_pad_value == 0.0
+
+    def sizes(self, args: Sequence[Any]) -> dict[PadSource, tuple[int, int]] | object | None:
+        """``{source: (real, bucket)}``; ``None`` when this call cannot be padded; or
+        :data:`ABOVE_LARGEST`."""
+        out: dict[PadSource, tuple[int, int]] = {}
+        for src in self.sources:
+            arg = args[src.input]
+            if not arg.is_contiguous():
+                return None
+            n = arg.shape[src.dim]
+            b = self.policy.bucket(n)
+            if b is None:
+                return ABOVE_LARGEST
+            out[src] = (n, b)
+        for a, b in self.plan.ties:
+            if a in out and b in out and out[a][1] != out[b][1]:
+                return None
+        return out
+
+    def key(
+        self, args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]], keyed: Sequence[int]
+    ) -> tuple:
+        parts: list[Any] = []
+        for i in keyed:
+            if i in self.dims:
+                shape = list(args[i].shape)
+                for src in self.dims[i]:
+                    shape[src.dim] = sizes[src][1]
+                parts.append(("pad", tuple(shape)))
+            elif i in self.size_inputs:
+                parts.append(("size", sizes[self.size_inputs[i]][1]))
+            else:
+                parts.append(key_part(args[i]))
+        return tuple(parts)
+
+    def prepare(
+        self, static: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
+    ) -> None:
+        """Replaces the padded inputs' static buffers by bucket-shaped ones, sets size inputs."""
+        for i, srcs in self.dims.items():
+            arg = args[i]
+            shape = list(arg.shape)
+            for src in srcs:
+                shape[src.dim] = sizes[src][1]
+            buf = torch.empty(shape, dtype=arg.dtype, device=arg.device)
+            if self.zero:
+                buf.zero_()
+            elif buf.is_floating_point():
+                buf.fill_(float("nan"))
+            static[i] = buf
+            self._real(buf, i, sizes).copy_(arg)
+        for i, src in self.size_inputs.items():
+            static[i] = sizes[src][1]
+
+    def load(
+        self,
+        inputs: list[Any],
+        args: Sequence[Any],
+        sizes: dict[PadSource, tuple[int, int]],
+        copied: Sequence[int],
+    ) -> None:
+        real_elems = pad_elems = 0
+        for i in copied:
+            if i in self.dims:
+                buf = inputs[i]
+                if self.zero:
+                    buf.zero_()
+                self._real(buf, i, sizes).copy_(args[i], non_blocking=True)
+                n = args[i].numel()
+                real_elems += n
+                pad_elems += buf.numel() - n
+            else:
+                copy_into(inputs[i], args[i], non_blocking=True)
+        counters.real_elements += real_elems
+        counters.padded_elements += pad_elems
+
+    def _real(self, buf: torch.Tensor, i: int, sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
+        view = buf
+        for src in self.dims[i]:
+            view = view.narrow(src.dim, 0, sizes[src][0])
+        return view
+
+
+def slice_outputs(plan: PaddingPlan, outputs: Sequence[Any], real_inputs: Sequence[Any],
+                  padded_inputs: Sequence[Any]) -> list[Any]:
+    """Cuts every padded output dim of ``plan`` back to its real extent (``narrow``, no copy)."""
+    result = list(outputs)
+    for od in plan.outputs:
+        n = _extent_of(real_inputs[od.source.input], od.source.dim)
+        big = _extent_of(padded_inputs[od.source.input], od.source.dim)
+        out = result[od.output]
+        real = od.real_extent(int(out.shape[od.dim]), n, big, real_inputs)
+        result[od.output] = out.narrow(od.dim, 0, real)
+    return result
+
+
+def _extent_of(value: Any, dim: int) -> int:
+    return int(value.shape[dim]) if isinstance(value, torch.Tensor) else int(value)
