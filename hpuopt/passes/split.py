@@ -63,6 +63,8 @@ from torch.fx.passes.split_module import split_module
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt import ops
+from hpuopt.fx_utils import graph_device, op_name, source_line
 from hpuopt.records import PieceInfo, SplitCategory, SplitReason
 
 log = logging.getLogger(__name__)
@@ -71,52 +73,8 @@ aten = torch.ops.aten
 
 Reason = SplitCategory
 
-# Ops a device graph can never hold, whatever their metadata says. Keyed by overload packet.
-UNCAPTURABLE_OPS: frozenset[Any] = frozenset(
-    {
-        aten._local_scalar_dense,
-        aten.item,
-        aten.is_nonzero,
-        aten.equal,
-        aten.nonzero,
-        aten.nonzero_static,  # static shape, but synchronises on CUDA/HPU
-        aten.masked_select,
-        aten.unique_consecutive,
-        aten._unique,
-        aten._unique2,
-        aten.unique_dim,
-        aten.bincount,
-        aten.histc,
-        aten.repeat_interleave,
-    }
-)
-
-# Impure only in that dead-code elimination must keep them: they touch no memory, so they are
-# not ordering barriers (a host assert on a size would otherwise cut a graph in two).
-_CHECK_OPS = frozenset(
-    {
-        aten._assert_scalar,
-        aten._assert_async,
-        aten.sym_constrain_range,
-        aten.sym_constrain_range_for_size,
-    }
-)
-
-_MASK_INDEX_OPS = frozenset({aten.index, aten.index_put, aten.index_put_, aten._unsafe_index_put})
-
-
-def _has_bool_index(node: torch.fx.Node) -> bool:
-    indices = node.args[1] if len(node.args) > 1 else ()
-    for idx in indices or ():
-        val = idx.meta.get("val") if isinstance(idx, torch.fx.Node) else None
-        if isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8):
-            return True
-    return False
-
-
-_COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d", "_dtensor"})
-
-_HOST_READ_OPS = frozenset({aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal})
+# Re-exported: the split's public view of the op families it decides on.
+UNCAPTURABLE_OPS = ops.UNCAPTURABLE_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +102,7 @@ def classify(
 ) -> dict[torch.fx.Node, SplitReason]:
     """Returns the dynamic nodes of ``gm``, each with its reason. Every other node is static."""
     extra = set(extra_dynamic)
-    main_device = _main_device(gm)
+    main_device = graph_device(gm)
     out: dict[torch.fx.Node, SplitReason] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -154,7 +112,7 @@ def classify(
             reason, detail = found
             out[node] = SplitReason(
                 node=node.name,
-                op=_op_name(node.target),
+                op=op_name(node.target),
                 reason=reason,
                 detail=detail,
                 source=source_line(node),
@@ -169,16 +127,16 @@ def _classify_node(
     packet = getattr(target, "overloadpacket", None)
     if target in extra or (packet is not None and packet in extra):
         return "known_uncapturable", "listed in the config's dynamic_ops"
-    if packet in _HOST_READ_OPS:
+    if packet in ops.HOST_READ_OPS:
         return "host_read", "reads a device value back to the host"
-    if getattr(target, "namespace", None) in _COLLECTIVE_NAMESPACES:
+    if getattr(target, "namespace", None) in ops.COLLECTIVE_NAMESPACES:
         return "collective", "a collective runs once per call, in step with the other ranks"
     if node.meta.get("unbacked_bindings"):
         syms = ", ".join(sorted(str(s) for s in node.meta["unbacked_bindings"]))
         return "data_dependent_shape", f"output size or value depends on data ({syms})"
     if packet in UNCAPTURABLE_OPS:
         return "known_uncapturable", "op cannot be held by a device graph"
-    if packet in _MASK_INDEX_OPS and _has_bool_index(node):
+    if packet in ops.MASK_INDEX_OPS and _has_bool_index(node):
         return "data_dependent_shape", "indexing with a boolean mask finds its rows on the host"
     val = node.meta.get("val")
     in_vals = [n.meta.get("val") for n in node.all_input_nodes]
@@ -198,13 +156,14 @@ def _classify_node(
     return None
 
 
-def _main_device(gm: torch.fx.GraphModule) -> torch.device | None:
-    """The accelerator the graph runs on, or ``None`` for a CPU-only graph."""
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.device.type not in ("cpu", "meta"):
-            return val.device
-    return None
+def _has_bool_index(node: torch.fx.Node) -> bool:
+    indices = node.args[1] if len(node.args) > 1 else ()
+
+    def dtype_of(idx: object) -> object:
+        val = idx.meta.get("val") if isinstance(idx, torch.fx.Node) else None
+        return val.dtype if isinstance(val, torch.Tensor) else None
+
+    return ops.is_bool_index(indices, dtype_of)
 
 
 def _crosses_devices(val: Any, in_vals: list[Any]) -> bool:
@@ -379,7 +338,7 @@ def build_pieces(
             name=node.target,
             static=static,
             nodes=tuple(n.name for n in nodes),
-            ops=tuple(_op_name(n.target) for n in nodes),
+            ops=tuple(op_name(n.target) for n in nodes),
             reasons=tuple(dynamic[n] for n in nodes if n in dynamic),
         )
         node.meta["hpuopt.piece"] = info
@@ -444,27 +403,7 @@ def has_side_effect(node: torch.fx.Node) -> bool:
     """Whether ``node`` writes memory or acts on the world (a mutation, a mark_step, a print)."""
     if not node.is_impure():
         return False
-    return getattr(node.target, "overloadpacket", None) not in _CHECK_OPS
-
-
-def source_line(node: torch.fx.Node) -> str | None:
-    """The innermost user frame of ``node.meta['stack_trace']``, as ``file:line in fn: code``."""
-    trace = node.meta.get("stack_trace")
-    if not trace:
-        return None
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            head = lines[i].replace("File ", "", 1).replace('"', "")
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{head}: {code}".strip().rstrip(":")
-    return lines[-1]
-
-
-def _op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    return getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+    return getattr(node.target, "overloadpacket", None) not in ops.CHECK_OPS
 
 
 def _parse_op_names(names: Iterable[str]) -> set[Any]:

@@ -182,41 +182,6 @@ def find_output_aliases(outputs: Sequence[Any], inputs: Sequence[Any]) -> tuple[
     return tuple(found)
 
 
-_aten = torch.ops.aten
-_HOST_SYNC_OPS = frozenset(
-    {
-        _aten._local_scalar_dense,
-        _aten.item,
-        _aten.is_nonzero,
-        _aten.equal,
-        _aten.nonzero,
-        _aten.masked_select,
-        _aten._unique2,
-        _aten.unique_consecutive,
-        _aten.unique_dim,
-        _aten.bincount,
-        _aten.repeat_interleave,
-    }
-)
-
-
-def host_sync_reason(func: Any, args: Sequence[Any]) -> str | None:
-    """Why running ``func(*args)`` inside a device graph is impossible, or ``None``.
-
-    Used while capturing: an op that reads a device value back to the host, or whose output
-    size depends on data (``index`` with a boolean mask calls ``nonzero`` internally).
-    """
-    packet = func.overloadpacket
-    if packet in _HOST_SYNC_OPS:
-        return f"{func} synchronises with the host"
-    if packet in (_aten.index, _aten._unsafe_index, _aten.index_put, _aten.index_put_):
-        indices = args[1] if len(args) > 1 else ()
-        for t in indices or ():
-            if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8):
-                return f"{func} with a boolean mask has a data-dependent size"
-    return None
-
-
 def eager_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
     """``gm``'s generated forward, compiled now: a lazy graph module would otherwise check for
     pending code generation and go through ``nn.Module.__call__`` on every call."""

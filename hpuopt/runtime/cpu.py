@@ -27,12 +27,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpuopt.errors import CaptureError
+from hpuopt.ops import host_sync_reason
 from hpuopt.runtime.base import (
     CapturedGraph,
     copy_into,
     empty_like_exact,
     find_output_aliases,
-    host_sync_reason,
     tensor_nbytes,
     writable,
 )

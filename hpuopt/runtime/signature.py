@@ -20,6 +20,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
+from hpuopt.fx_utils import mutated_inputs, placeholders, returns_view
+
 
 @dataclasses.dataclass(frozen=True)
 class ArgPlan:
@@ -83,8 +85,7 @@ def _symbolic_tensor(val: torch.Tensor) -> bool:
 
 def _as_strided_inputs(gm: torch.fx.GraphModule) -> set[int]:
     """Placeholders that reach an ``as_strided`` through views."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    base_of = {n: i for i, n in enumerate(placeholders)}
+    base_of = {n: i for i, n in enumerate(placeholders(gm))}
     out: set[int] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -95,37 +96,8 @@ def _as_strided_inputs(gm: torch.fx.GraphModule) -> set[int]:
             continue
         if packet in (torch.ops.aten.as_strided, torch.ops.aten.as_strided_):
             out.add(base_of[src])
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None and not schema.is_mutable and schema.returns and (
-            schema.returns[0].alias_info is not None
-        ):
+        if returns_view(node):
             base_of[node] = base_of[src]
-    return out
-
-
-def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
-    """Indices of placeholders that some op of ``gm`` writes to (directly or through a view)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    base_of: dict[torch.fx.Node, int] = {n: i for i, n in enumerate(placeholders)}
-    out: set[int] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        schema = getattr(node.target, "_schema", None)
-        if schema is None:
-            continue
-        for arg_schema, arg in zip(schema.arguments, node.args):
-            writes = arg_schema.alias_info is not None and arg_schema.alias_info.is_write
-            if not writes:
-                continue
-            for a in arg if isinstance(arg, (list, tuple)) else (arg,):  # Tensor(a!)[] too
-                if isinstance(a, torch.fx.Node) and a in base_of:
-                    out.add(base_of[a])
-        if not schema.is_mutable:
-            # views keep pointing at their base, so writes through them count
-            for arg_schema, arg in zip(schema.arguments, node.args):
-                if arg_schema.alias_info is not None and arg in base_of:
-                    base_of[node] = base_of[arg]
     return out
 
 

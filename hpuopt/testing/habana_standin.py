@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hpuopt.runtime.base import host_sync_reason
+from hpuopt.ops import host_sync_reason
 
 
 class StandinError(RuntimeError):
