@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ from hpuopt.diagnostics.explain import AotGraphRecord, GraphRecord, PieceRecord,
 from hpuopt.diagnostics.explain import default_session
 from hpuopt.passes.split import build_pieces
 from hpuopt.records import PieceInfo
-from hpuopt.passes.base import GraphPass
+from hpuopt.passes.base import CompileContext, GraphPass
 from hpuopt.pipeline import PipelineResult, run_pipeline
 from hpuopt.runtime import select_runtime
 from hpuopt.runtime.base import eager_forward
@@ -63,12 +64,15 @@ def hpugraph_backend(
     record = session.new_graph(num_nodes=len(gm.graph.nodes))
     counters.dynamo_graphs += 1
     name = f"g{record.index}.dynamo"
+    start = time.perf_counter()
     before = _snapshot(gm) if observer else gm
-    pre = run_pipeline(gm, config, "pre_aot", graph_name=name, passes=passes.get("pre_aot"))
+    ctx = CompileContext.of(gm, kind="dynamo", name=name, config=config)
+    pre = run_pipeline(gm, config, "pre_aot", graph_name=name, passes=passes.get("pre_aot"), ctx=ctx)
     if observer:
         observer("pre_aot", name, before, pre)
     record.pre_aot = {name: r.modified for name, r in pre.results.items()}
     record.findings = {name: r.findings for name, r in pre.results.items()}
+    record.seconds = dict(pre.seconds)
 
     def compiler(kind: str) -> Callable[..., Any]:
         def compile_one(aot_gm: torch.fx.GraphModule, aot_inputs: Sequence[Any]) -> Any:
@@ -85,7 +89,9 @@ def hpugraph_backend(
         keep_inference_input_mutations=True,
     )
     try:
-        return lower(pre.graph_module, example_inputs)
+        compiled = lower(pre.graph_module, example_inputs)
+        record.backend_seconds = time.perf_counter() - start
+        return compiled
     except BaseException:
         # Dynamo may abandon this attempt (a restart with new specialisations) and call us
         # again: a record without compiled graphs would only confuse explain().
@@ -103,11 +109,12 @@ def compile_aot_graph(
     observer: Observer | None = None,
 ) -> Callable[[list[Any]], Any]:
     """Splits one ATen graph, wires a runner into each static piece, returns a boxed callable."""
+    start = time.perf_counter()
     counters.aot_graphs += 1
     name = f"g{record.index}.{kind}"
-    gm.meta["hpuopt.kind"] = kind
     before = _snapshot(gm) if observer else gm
-    result = run_pipeline(gm, config, "post_aot", graph_name=name, passes=passes)
+    ctx = CompileContext.of(gm, kind=kind, name=name, config=config)  # type: ignore[arg-type]
+    result = run_pipeline(gm, config, "post_aot", graph_name=name, passes=passes, ctx=ctx)
     if observer:
         observer("post_aot", name, before, result)
     split_gm = result.graph_module
@@ -122,6 +129,8 @@ def compile_aot_graph(
         pieces=[],
         passes={n: r.modified for n, r in result.results.items()},
         findings={n: r.findings for n, r in result.results.items()},
+        seconds=dict(result.seconds),
+        module=split_gm,
     )
     record.aot_graphs.append(aot_record)
     placeholders = {n: i for i, n in enumerate(split_gm.graph.find_nodes(op="placeholder"))}
@@ -166,6 +175,7 @@ def compile_aot_graph(
             return forward(*args)
 
     run._boxed_call = True  # type: ignore[attr-defined]
+    aot_record.compile_seconds = time.perf_counter() - start
     return run
 
 

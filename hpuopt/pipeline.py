@@ -12,14 +12,15 @@ import dataclasses
 import logging
 import os
 import re
+import time
 from collections.abc import Sequence
 
 import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.errors import PassError
-from hpuopt.passes.base import GraphPass, PassResult, Stage
-from hpuopt.passes.buckets import BucketPlanPass
+from hpuopt.passes.base import CompileContext, GraphPass, PassResult, Stage
+from hpuopt.passes.bucket_plan import BucketPlanPass
 from hpuopt.passes.cleanup import CleanupPass
 from hpuopt.passes.clip_scale import ClipScalePass
 from hpuopt.passes.fused_adam import FusedAdamPass
@@ -73,6 +74,12 @@ class PipelineResult:
     graph_module: torch.fx.GraphModule
     results: dict[str, PassResult]
     skipped: tuple[str, ...]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall time of each pass that ran, by name (lint and recompile included)."""
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
 
 
 def run_pipeline(
@@ -81,24 +88,36 @@ def run_pipeline(
     stage: Stage,
     graph_name: str = "graph",
     passes: Sequence[GraphPass] | None = None,
+    ctx: CompileContext | None = None,
 ) -> PipelineResult:
-    """Runs the passes of ``stage`` (or the given ``passes``) on ``gm`` in order."""
+    """Runs the passes of ``stage`` (or the given ``passes``) on ``gm`` in order.
+
+    The pipeline owns what surrounds each pass: the enabled check (a disabled pass is listed in
+    ``skipped``), its timing, and in debug mode the invariant checks and dumps. Each pass gets
+    the same frozen ``ctx`` (by default: an inference graph on the device its metadata shows).
+    """
     table = passes if passes is not None else (PRE_AOT if stage == "pre_aot" else POST_AOT)
+    if ctx is None:
+        kind = "dynamo" if stage == "pre_aot" else "inference"
+        ctx = CompileContext.of(gm, kind=kind, name=graph_name, config=config)
     results: dict[str, PassResult] = {}
+    seconds: dict[str, float] = {}
     skipped: list[str] = []
     _dump(config, graph_name, 0, "input", gm)
     for step, p in enumerate(table, start=1):
         if not config.pass_enabled(p.name):
             skipped.append(p.name)
             continue
-        result = p(gm, config)
+        start = time.perf_counter()
+        result = p(gm, config, ctx)
+        seconds[p.name] = time.perf_counter() - start
         gm = result.graph_module
         results[p.name] = result
         log.debug("pass %s on %s: modified=%s", p.name, graph_name, result.modified)
         if config.debug:
             check_graph(gm, p.name)
         _dump(config, graph_name, step, p.name, gm)
-    return PipelineResult(gm, results, tuple(skipped))
+    return PipelineResult(gm, results, tuple(skipped), seconds)
 
 
 def check_graph(gm: torch.fx.GraphModule, pass_name: str) -> None:

@@ -104,8 +104,10 @@ class SplitReason(Finding):
 
 
 @dataclasses.dataclass(frozen=True)
-class PieceInfo:
+class PieceInfo(Finding):
     """One piece of a split graph: static (captured per signature) or dynamic (runs as is)."""
+
+    pass_name: ClassVar[str] = "split"
 
     name: str
     static: bool
@@ -113,6 +115,16 @@ class PieceInfo:
     ops: tuple[str, ...]
     reasons: tuple[SplitReason, ...] = ()
     """For a dynamic piece, why each of its nodes cannot be captured."""
+
+    @property
+    def node(self) -> str:
+        return self.name
+
+    @property
+    def reason(self) -> str:
+        if self.static:
+            return f"static piece of {len(self.nodes)} node(s)"
+        return f"dynamic piece: {self.reasons[0].detail}" if self.reasons else "dynamic piece"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from hpuopt.diagnostics.counters import Counters, counters
-from hpuopt.records import PieceInfo, SplitReason
+from hpuopt.records import Finding, PieceInfo, SplitReason, skipped
 
 
 @dataclasses.dataclass
@@ -30,6 +30,12 @@ class AotGraphRecord:
     passes: dict[str, bool] = dataclasses.field(default_factory=dict)
     """Pass name -> whether it modified the graph."""
     findings: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Pass name -> wall time of that pass on this graph."""
+    compile_seconds: float = 0.0
+    """Wall time of compiling this ATen graph: its passes and setting up its runners."""
+    module: Any = None
+    """The stitching ``GraphModule`` that runs this graph's pieces (for tools and benchmarks)."""
 
 
 @dataclasses.dataclass
@@ -39,6 +45,11 @@ class GraphRecord:
     aot_graphs: list[AotGraphRecord] = dataclasses.field(default_factory=list)
     pre_aot: dict[str, bool] = dataclasses.field(default_factory=dict)
     findings: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Pre-AOT pass name -> wall time of that pass."""
+    backend_seconds: float = 0.0
+    """Wall time of the backend call: pre-AOT passes, AOTAutograd and compiling the graphs it
+    produced then (a backward graph is compiled later, on the first backward)."""
 
 
 class Session:
@@ -157,12 +168,12 @@ def explain(session: Session | None = None) -> ExplainReport:
         for a in g.aot_graphs:
             pieces = tuple(_piece_report(p) for p in a.pieces)
             steps = tuple(m.reason for m in a.findings.get("mark_step", ()))
-            rewrites = tuple(n for n in _AOT_REWRITES if a.passes.get(n))
+            rewrites = tuple(n for n, f in a.findings.items() if _rewrote(f) and a.passes.get(n))
             kept = tuple(
-                f"{n}: {f.reason}"
-                for n in _AOT_REWRITES
-                for f in a.findings.get(n, ())
-                if type(f).__name__ in ("ClipScaleKept", "ReinplaceSkipped")
+                f"{f.pass_name}: {f.reason}"
+                for found in a.findings.values()
+                for f in skipped(found)
+                if f.pass_name != "bucket_plan"  # shown per piece, with its padding
             )
             aots.append(
                 AotGraphReport(a.kind, a.runtime, pieces, dict(a.passes), steps, rewrites, kept)
@@ -172,8 +183,15 @@ def explain(session: Session | None = None) -> ExplainReport:
     return ExplainReport(tuple(graphs), counters.snapshot())
 
 
-# the post-AOT passes that rewrite ops (the others split, plan and clean up)
-_AOT_REWRITES = ("reinplace", "clip_scale", "masked_fill")
+# post-AOT passes that change a graph without rewriting its ops: not listed as rewrites
+_STRUCTURAL = frozenset({"split", "bucket_plan", "mark_step", "cleanup"})
+
+
+def _rewrote(findings: tuple[Any, ...]) -> bool:
+    """Whether these findings record an op rewrite (a pass other than the structural ones)."""
+    return any(
+        isinstance(f, Finding) and f.applied and f.pass_name not in _STRUCTURAL for f in findings
+    )
 
 
 def _piece_report(p: PieceRecord) -> PieceReport:
@@ -208,10 +226,9 @@ def render(report: ExplainReport) -> str:
         lines.append(f"graph {g.index}: {g.num_nodes} nodes")
         if g.rewrites:
             lines.append(f"  rewritten by: {', '.join(g.rewrites)}")
-        for name, found in g.findings.items():
-            for f in found:
-                if type(f).__name__ == "RewriteSkipped":
-                    lines.append(f"  {name} skipped: {f}")
+        for found in g.findings.values():
+            for f in skipped(found):
+                lines.append(f"  {f.pass_name} skipped: {f.reason} (node {f.node})")
         for a in g.aot_graphs:
             static = sum(p.captured for p in a.pieces)
             lines.append(

@@ -15,6 +15,16 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt.records import Finding
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadNodeRemoved(Finding):
+    """A node nobody used, erased."""
+
+    pass_name: ClassVar[str] = "cleanup"
+    node: str
+    reason: str = "result never used"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +35,6 @@ class CleanupPass(GraphPass):
     def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
         before = [n.name for n in gm.graph.nodes]
         changed = gm.graph.eliminate_dead_code()
-        if changed:
-            gm.recompile()
         after = {n.name for n in gm.graph.nodes}
-        return PassResult(gm, changed, tuple(n for n in before if n not in after))
+        removed = tuple(DeadNodeRemoved(n) for n in before if n not in after)
+        return PassResult(gm, changed, removed)

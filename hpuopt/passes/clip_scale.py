@@ -39,6 +39,7 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt.records import Finding
 
 aten = torch.ops.aten
 
@@ -51,18 +52,33 @@ _WRITES_GRADS_BACK = frozenset({"cpu", "cuda"})
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipScaleFolded:
+class ClipScaleFolded(Finding):
+    pass_name: ClassVar[str] = "clip_scale"
     scale: str
     """The removed ``_foreach_mul_`` node."""
     kernels: tuple[str, ...]
     """The fused kernels that now scale the gradients themselves."""
     tensors: int
 
+    @property
+    def node(self) -> str:
+        return self.scale
+
+    @property
+    def reason(self) -> str:
+        return f"the clip's scale of {self.tensors} gradient(s) became the fused kernels' grad_scale"
+
 
 @dataclasses.dataclass(frozen=True)
-class ClipScaleKept:
+class ClipScaleKept(Finding):
+    pass_name: ClassVar[str] = "clip_scale"
+    applied: ClassVar[bool] = False
     scale: str
     reason: str
+
+    @property
+    def node(self) -> str:
+        return self.scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +95,6 @@ class ClipScalePass(GraphPass):
                 if _feeds_fused_adam(node, order):
                     findings.append(_fold(gm, node, order))
         changed = any(isinstance(f, ClipScaleFolded) for f in findings)
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, changed, tuple(findings))
 
 

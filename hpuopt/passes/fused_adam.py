@@ -35,7 +35,7 @@ traced by Dynamo (``capturable=True``, like Dynamo's optimizer tracing) on one t
    of the candidate (list positions ``j``, ``getitem(.., j)`` and what hangs off them) must equal
    the one-element reference.
 
-Any difference leaves the graph unchanged and records a :class:`RewriteSkipped` with the reason
+Any difference leaves the graph unchanged and records a :class:`FusedAdamSkipped` with the reason
 and the node (a modified update rule, Tensor betas, complex parameters, no fused kernel for the
 device, an intermediate used outside the update, ...). References are memoised per option set.
 
@@ -78,6 +78,8 @@ import torch.fx
 from torch.optim.adam import adam as _functional_adam
 
 from hpuopt.config import Config
+from hpuopt.fx_utils import is_leaf, leaf_value
+from hpuopt.records import Finding
 from hpuopt.passes.base import GraphPass, PassResult, Stage
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,10 @@ class AdamHyperparams:
 
 
 @dataclasses.dataclass(frozen=True)
-class FusedAdamRewrite:
+class FusedAdamRewrite(Finding):
     """One fused call emitted: how many parameters it updates and which nodes it replaced."""
+
+    pass_name: ClassVar[str] = "fused_adam"
 
     node: str  # the new fused node
     form: Form
@@ -115,13 +119,24 @@ class FusedAdamRewrite:
     hyperparams: AdamHyperparams
     replaced_nodes: int
 
+    @property
+    def reason(self) -> str:
+        return f"{self.replaced_nodes} nodes over {self.num_params} parameter(s) became one fused call"
+
 
 @dataclasses.dataclass(frozen=True)
-class RewriteSkipped:
+class FusedAdamSkipped(Finding):
     """An update candidate (anchored at ``node``) left unchanged, and why."""
+
+    pass_name: ClassVar[str] = "fused_adam"
+    applied: ClassVar[bool] = False
 
     reason: str
     node: str
+
+
+class _Skip(Exception):
+    """A candidate cannot be rewritten; the message says why (it becomes the finding's reason)."""
 
 
 # -- the per-device kernel hook ---------------------------------------------------------------
@@ -169,8 +184,6 @@ class FusedAdamPass(GraphPass):
     buffers or copies."""
 
     def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
-        if not config.pass_enabled(self.name):
-            return PassResult(gm, False, ())
         calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
         position = {n: i for i, n in enumerate(calls)}
         findings: list[Any] = []
@@ -181,25 +194,24 @@ class FusedAdamPass(GraphPass):
             if form is None:
                 continue
             region = calls[previous_end + 1 : position[anchor] + 1]
-            outcome = _match_block(gm, anchor, form, region)
             previous_end = position[anchor]
-            if isinstance(outcome, str):
-                findings.append(RewriteSkipped(reason=outcome, node=anchor.name))
-                log.debug("fused_adam: skipped %s: %s", anchor.name, outcome)
-            else:
-                blocks.append(outcome)
+            try:
+                blocks.append(_match_block(gm, anchor, form, region))
+            except _Skip as skip:
+                findings.append(FusedAdamSkipped(reason=str(skip), node=anchor.name))
+                log.debug("fused_adam: skipped %s: %s", anchor.name, skip)
 
         modified = False
         for run in _runs(blocks, position):
-            outcome = _rewrite(gm, run, self.functional)
-            findings.append(outcome)
-            modified |= isinstance(outcome, FusedAdamRewrite)
+            try:
+                findings.append(_rewrite(gm, run, self.functional))
+                modified = True
+            except _Skip as skip:
+                findings.append(FusedAdamSkipped(reason=str(skip), node=run[-1].anchor.name))
         if modified:
             for node in list(gm.graph.nodes):
                 if node.op == "get_attr" and not node.users:
                     gm.graph.erase_node(node)
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, modified, tuple(findings))
 
 
@@ -208,27 +220,20 @@ class FusedAdamPass(GraphPass):
 
 def _anchor_form(node: torch.fx.Node) -> Form | None:
     """``param.addcdiv_(...)`` on a graph input, or ``_foreach_addcdiv_`` on a list of them."""
-    if node.op == "call_method" and node.target == "addcdiv_" and _is_leaf(node.args[0]):
+    if node.op == "call_method" and node.target == "addcdiv_" and is_leaf(node.args[0]):
         return "single"
     if (
         node.op == "call_function"
         and node.target is torch._foreach_addcdiv_
         and isinstance(node.args[0], (list, tuple))
-        and all(_is_leaf(a) for a in node.args[0])
+        and all(is_leaf(a) for a in node.args[0])
     ):
         return "foreach"
     return None
 
 
-def _is_leaf(arg: Any) -> bool:
-    return isinstance(arg, torch.fx.Node) and arg.op in ("placeholder", "get_attr")
-
-
 def _leaf_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
-    if node.op == "get_attr":
-        value = getattr(gm, str(node.target), None)
-    else:
-        value = node.meta.get("example_value", node.meta.get("val"))
+    value = leaf_value(gm, node)
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -281,23 +286,23 @@ def _sniff(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: 
     maximize = any(
         names(n) in ("neg", "_foreach_neg")
         and (
-            _is_leaf(n.args[0])
-            or (isinstance(n.args[0], (list, tuple)) and all(_is_leaf(a) for a in n.args[0]))
+            is_leaf(n.args[0])
+            or (isinstance(n.args[0], (list, tuple)) and all(is_leaf(a) for a in n.args[0]))
         )
         for n in region
     )
     param0 = params[0] if isinstance(params, (list, tuple)) else params
     value = _leaf_value(gm, param0)
     if value is None:
-        return "parameter has no example value to build a reference from"
+        raise _Skip("parameter has no example value to build a reference from")
     if not value.is_floating_point():
-        return f"parameter dtype {value.dtype} is not a floating point type (complex is not fused)"
+        raise _Skip(f"parameter dtype {value.dtype} is not a floating point type (complex is not fused)")
     step_dtype = torch.float32
     for node in region:
-        if node.target is operator.iadd and _is_leaf(node.args[0]):
+        if node.target is operator.iadd and is_leaf(node.args[0]):
             step_value = _leaf_value(gm, node.args[0])
             step_dtype = step_value.dtype if step_value is not None else step_dtype
-        if node.target is torch._foreach_add_ and _is_leaf(node.args[0][0]):
+        if node.target is torch._foreach_add_ and is_leaf(node.args[0][0]):
             step_value = _leaf_value(gm, node.args[0][0])
             step_dtype = step_value.dtype if step_value is not None else step_dtype
     return _Options(
@@ -352,14 +357,14 @@ def _reference_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 
 
 @functools.lru_cache(maxsize=64)
-def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -> _Reference | str:
+def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -> _Reference:
     """Traces the functional Adam for ``options`` and hyperparameter ``values`` (memoised: pure)."""
     hp = dict(values)
     extra: dict[str, Any] = {}
     if "decoupled_weight_decay" in inspect.signature(_functional_adam).parameters:
         extra["decoupled_weight_decay"] = options.decoupled_weight_decay
     elif options.decoupled_weight_decay:
-        return "this torch has no decoupled_weight_decay in torch.optim.adam.adam"
+        raise _Skip("this torch has no decoupled_weight_decay in torch.optim.adam.adam")
     kw = dict(hp, foreach=options.form == "foreach", amsgrad=options.amsgrad,
               maximize=options.maximize, extra=extra)  # fmt: skip
     device = torch.device(options.device)
@@ -390,9 +395,9 @@ def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -
             *(tensors[r] for r in _PER_PARAM_ROLES), lr, kw
         )
     except Exception as error:  # noqa: BLE001 - Dynamo raises many types; reported as a reason
-        return f"tracing the reference Adam failed: {type(error).__name__}: {error}"
+        raise _Skip(f"tracing the reference Adam failed: {type(error).__name__}: {error}") from None
     if len(captured) != 1:
-        return f"the reference Adam traced into {len(captured)} graphs, expected 1"
+        raise _Skip(f"the reference Adam traced into {len(captured)} graphs, expected 1")
     gm, example_inputs = captured[0]
     by_id = {id(t): role for role in _PER_PARAM_ROLES for t in tensors[role]}
     if isinstance(lr, torch.Tensor):
@@ -401,7 +406,7 @@ def _trace_reference(options: _Options, values: tuple[tuple[str, float], ...]) -
     roles = {}
     for node, value in zip(placeholders, example_inputs):
         if id(value) not in by_id:
-            return f"reference input {node.name} is none of the optimizer's tensors"
+            raise _Skip(f"reference input {node.name} is none of the optimizer's tensors")
         roles[node] = by_id[id(value)]
     calls = tuple(n for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
     return _Reference(gm, calls, roles, _elements(calls, set(roles)))
@@ -507,7 +512,7 @@ class _Comparison:
             raise _Mismatch(at, f"argument {got!r}, reference has {want!r}")
 
     def leaf(self, at: torch.fx.Node, role: str, got: Any) -> None:
-        if not _is_leaf(got):
+        if not is_leaf(got):
             raise _Mismatch(at, f"{role} is {got!r}, not a graph input")
         if role in self.bound and self.bound[role] is not got:
             raise _Mismatch(at, f"two different tensors play {role}")
@@ -516,7 +521,7 @@ class _Comparison:
         self.bound[role] = got
 
 
-def _read_hyperparams(options: _Options, probe: dict[str, float], pairs: list[tuple[Any, Any]]) -> dict[str, float] | str:
+def _read_hyperparams(options: _Options, probe: dict[str, float], pairs: list[tuple[Any, Any]]) -> dict[str, float]:
     """The candidate's values where the probe's literals equal a probe value."""
     values: dict[str, float] = {}
     wanted = ["beta1", "beta2", "eps"] + ([] if options.tensor_lr else ["lr"])
@@ -526,7 +531,7 @@ def _read_hyperparams(options: _Options, probe: dict[str, float], pairs: list[tu
     for name in wanted:
         seen = {got for want, got in pairs if want == probe[name]}
         if len(seen) != 1:
-            return f"cannot read {name} from the graph (found {sorted(seen)!r})"
+            raise _Skip(f"cannot read {name} from the graph (found {sorted(seen)!r})")
         values[name] = float(seen.pop())
     if not options.has_weight_decay:
         values["weight_decay"] = 0.0
@@ -535,7 +540,7 @@ def _read_hyperparams(options: _Options, probe: dict[str, float], pairs: list[tu
         folded = 1 - probe["lr"] * probe["weight_decay"]
         seen = {got for want, got in pairs if want == folded}
         if len(seen) != 1:
-            return "cannot read AdamW's folded 1 - lr * weight_decay from the graph"
+            raise _Skip("cannot read AdamW's folded 1 - lr * weight_decay from the graph")
         target = float(seen.pop())
         guess = (1 - target) / values["lr"]
         for _ in range(8):  # the division can be an ulp off; step to the value torch folds exactly
@@ -563,18 +568,16 @@ class _Block:
     dtype: torch.dtype
 
 
-def _match_block(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, region: list[torch.fx.Node]):
+def _match_block(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form,
+                 region: list[torch.fx.Node]) -> _Block:
+    """The verified update ending at ``anchor``; raises :class:`_Skip` with the reason."""
     sniffed = _sniff(gm, anchor, form, region)
-    if isinstance(sniffed, str):
-        return sniffed
     errors = []
     candidates = [(o, p) for o in (sniffed, dataclasses.replace(sniffed, tensor_lr=True)) for p in _PROBES]
     for options, probe_values in candidates:
         if not options.has_weight_decay:
             probe_values = dict(probe_values, weight_decay=0.0)
         probe = _trace_reference(options, tuple(sorted(probe_values.items())))
-        if isinstance(probe, str):
-            return probe
         try:
             nodes, comparisons = _compare_all(probe, form, anchor, region, exact=False)
         except _Mismatch as mismatch:
@@ -583,17 +586,13 @@ def _match_block(gm: torch.fx.GraphModule, anchor: torch.fx.Node, form: Form, re
             continue
         pairs = [p for c in comparisons for p in c.pairs]
         values = _read_hyperparams(options, probe_values, pairs)
-        if isinstance(values, str):
-            return values
         reference = _trace_reference(options, tuple(sorted(values.items())))
-        if isinstance(reference, str):
-            return reference
         try:
             nodes, comparisons = _compare_all(reference, form, anchor, region, exact=True)
         except _Mismatch as mismatch:
-            return f"differs from torch.optim's Adam with {values}: {mismatch}"
+            raise _Skip(f"differs from torch.optim's Adam with {values}: {mismatch}") from None
         return _finish_block(gm, anchor, form, nodes, comparisons, options, values)
-    return "does not match torch.optim's Adam update: " + "; ".join(errors)
+    raise _Skip("does not match torch.optim's Adam update: " + "; ".join(errors))
 
 
 def _compare_all(ref: _Reference, form: Form, anchor: torch.fx.Node, region: list[torch.fx.Node], exact: bool):
@@ -607,7 +606,7 @@ def _compare_all(ref: _Reference, form: Form, anchor: torch.fx.Node, region: lis
     if size > len(region):
         raise _Mismatch(anchor, f"{len(region)} nodes before the update, {size} expected")
     nodes = region[-size:]
-    element = _elements(nodes, {a for node in nodes for a in node.all_input_nodes if _is_leaf(a)})
+    element = _elements(nodes, {a for node in nodes for a in node.all_input_nodes if is_leaf(a)})
     comparisons = []
     for j in range(n):
         comparison = _Comparison(ref, element=j, length=n, exact=exact)
@@ -619,7 +618,7 @@ def _compare_all(ref: _Reference, form: Form, anchor: torch.fx.Node, region: lis
     return tuple(nodes), comparisons
 
 
-def _finish_block(gm, anchor, form, nodes, comparisons, options: _Options, values) -> _Block | str:
+def _finish_block(gm, anchor, form, nodes, comparisons, options: _Options, values) -> _Block:
     tensors: dict[str, list[torch.fx.Node]] = {role: [] for role in _PER_PARAM_ROLES}
     lrs = set()
     for comparison in comparisons:
@@ -629,12 +628,12 @@ def _finish_block(gm, anchor, form, nodes, comparisons, options: _Options, value
         if "lr" in comparison.bound:
             lrs.add(comparison.bound["lr"])
     if len(lrs) > 1:
-        return "the elements of the update read different lr tensors"
+        raise _Skip("the elements of the update read different lr tensors")
     inside = set(nodes)
     for node in nodes:
         outside = [u for u in node.users if u not in inside]
         if outside:
-            return f"{node.name} is used outside the optimizer update (by {outside[0].name})"
+            raise _Skip(f"{node.name} is used outside the optimizer update (by {outside[0].name})")
     value = _leaf_value(gm, tensors["params"][0])
     hyper = AdamHyperparams(
         lr=None if options.tensor_lr else values["lr"],
@@ -671,15 +670,15 @@ _OUT_OF_PLACE = {
 _RESULTS = {0: "params", 2: "exp_avgs", 3: "exp_avg_sqs", 4: "max_exp_avg_sqs"}
 
 
-def _rewrite(gm: torch.fx.GraphModule, run: list[_Block], functional: bool) -> FusedAdamRewrite | RewriteSkipped:
+def _rewrite(gm: torch.fx.GraphModule, run: list[_Block], functional: bool) -> FusedAdamRewrite:
     first, last = run[0], run[-1]
     hyper = first.hyperparams
     kernel = fused_adam_kernel(first.device, hyper.decoupled_weight_decay)
     if kernel is None:
-        return RewriteSkipped(reason=f"no fused Adam kernel for device {first.device}", node=last.anchor.name)
+        raise _Skip(f"no fused Adam kernel for device {first.device}")
     if functional:
         if kernel not in _OUT_OF_PLACE:
-            return RewriteSkipped(reason=f"no out-of-place variant of {kernel}", node=last.anchor.name)
+            raise _Skip(f"no out-of-place variant of {kernel}")
         packet = _OUT_OF_PLACE[kernel]
         kernel = packet.default if hyper.lr is not None else packet.tensor_lr
     lists = {role: [leaf for block in run for leaf in block.tensors[role]] for role in _PER_PARAM_ROLES}

@@ -55,6 +55,8 @@ import torch
 import torch.fx
 
 from hpuopt.config import Config
+from hpuopt.fx_utils import is_leaf, leaf_value
+from hpuopt.records import Finding
 from hpuopt.passes.base import GraphPass, PassResult, Stage
 
 log = logging.getLogger(__name__)
@@ -63,25 +65,40 @@ _VECTOR_NORMS = (torch._C._linalg.linalg_vector_norm, torch.linalg.vector_norm)
 
 
 @dataclasses.dataclass(frozen=True)
-class FusedNorm:
+class FusedNorm(Finding):
     """Per-gradient norms replaced by one ``_foreach_norm`` over ``num_grads`` gradients."""
+
+    pass_name: ClassVar[str] = "fused_clip_norm"
 
     node: str
     num_grads: int
     replaced_nodes: int
 
+    @property
+    def reason(self) -> str:
+        return f"{self.num_grads} gradient norms became one _foreach_norm"
+
 
 @dataclasses.dataclass(frozen=True)
-class FusedScale:
+class FusedScale(Finding):
     """Per-gradient ``mul_`` by the clip coefficient replaced by one ``_foreach_mul_``."""
+
+    pass_name: ClassVar[str] = "fused_clip_norm"
 
     node: str
     num_grads: int
 
+    @property
+    def reason(self) -> str:
+        return f"{self.num_grads} gradient scales became one _foreach_mul_"
+
 
 @dataclasses.dataclass(frozen=True)
-class RewriteSkipped:
+class ClipNormSkipped(Finding):
     """A clip-norm candidate (anchored at ``node``) left unchanged, and why."""
+
+    pass_name: ClassVar[str] = "fused_clip_norm"
+    applied: ClassVar[bool] = False
 
     reason: str
     node: str
@@ -95,8 +112,6 @@ class FusedClipNormPass(GraphPass):
     stage: ClassVar[Stage] = "pre_aot"
 
     def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
-        if not config.pass_enabled(self.name):
-            return PassResult(gm, False, ())
         findings: list[Any] = []
         for node in list(gm.graph.nodes):
             if _is_total_norm(node):
@@ -104,9 +119,6 @@ class FusedClipNormPass(GraphPass):
         for coefficient in [n for n in gm.graph.nodes if _is_clip_coefficient(n)]:
             findings.extend(_fuse_scales(gm, coefficient))
         modified = any(isinstance(f, (FusedNorm, FusedScale)) for f in findings)
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, modified, tuple(findings))
 
 
@@ -114,17 +126,12 @@ def _is_call(node: Any, *targets: Any) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def _is_leaf(node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op in ("placeholder", "get_attr")
-
-
 def _ord(node: torch.fx.Node) -> Any:
     return node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2.0)
 
 
 def _device_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.device | None:
-    value = getattr(gm, str(node.target), None) if node.op == "get_attr" else node.meta.get(
-        "example_value", node.meta.get("val"))  # fmt: skip
+    value = leaf_value(gm, node)
     return value.device if isinstance(value, torch.Tensor) else None
 
 
@@ -140,47 +147,47 @@ def _is_total_norm(node: torch.fx.Node) -> bool:
     )
 
 
-def _fuse_norms(gm: torch.fx.GraphModule, total: torch.fx.Node) -> FusedNorm | RewriteSkipped:
+def _fuse_norms(gm: torch.fx.GraphModule, total: torch.fx.Node) -> FusedNorm | ClipNormSkipped:
     stack = total.args[0]
     ord_ = _ord(total)
     if float(ord_) != 2.0:
-        return RewriteSkipped(reason=f"norm_type {ord_!r} is not the L2 norm", node=total.name)
+        return ClipNormSkipped(reason=f"norm_type {ord_!r} is not the L2 norm", node=total.name)
     grads, chain, foreach = [], [], None
     for item in stack.args[0]:
         if not (isinstance(item, torch.fx.Node) and item.op == "call_method" and item.target == "to"):
-            return RewriteSkipped(reason=f"stacked {item} is not norm.to(device)", node=total.name)
+            return ClipNormSkipped(reason=f"stacked {item} is not norm.to(device)", node=total.name)
         norm = item.args[0]
-        if _is_call(norm, *_VECTOR_NORMS) and _is_leaf(norm.args[0]) and float(_ord(norm)) == 2.0:
+        if _is_call(norm, *_VECTOR_NORMS) and is_leaf(norm.args[0]) and float(_ord(norm)) == 2.0:
             grads.append(norm.args[0])
         elif _is_call(norm, operator.getitem) and _is_call(norm.args[0], torch._foreach_norm):
             foreach = foreach or norm.args[0]
             if norm.args[0] is not foreach or norm.args[1] != len(grads):
-                return RewriteSkipped(reason="stacked norms come from several _foreach_norm calls",
+                return ClipNormSkipped(reason="stacked norms come from several _foreach_norm calls",
                                       node=total.name)  # fmt: skip
             grads.append(foreach.args[0][norm.args[1]])
         else:
-            return RewriteSkipped(reason=f"{norm} is not an L2 norm of a gradient", node=total.name)
+            return ClipNormSkipped(reason=f"{norm} is not an L2 norm of a gradient", node=total.name)
         devices = {_device_of(gm, grads[-1]), item.args[1] if len(item.args) > 1 else None}
         if len(devices) != 1 or None in devices:
-            return RewriteSkipped(reason=f"{norm} moves between devices", node=total.name)
+            return ClipNormSkipped(reason=f"{norm} moves between devices", node=total.name)
         chain += [item, norm]
     if foreach is not None:
         if len(foreach.args[0]) != len(grads) or float(foreach.args[1]) != 2.0:
-            return RewriteSkipped(reason="_foreach_norm is not the L2 norm of exactly the stacked grads",
+            return ClipNormSkipped(reason="_foreach_norm is not the L2 norm of exactly the stacked grads",
                                   node=total.name)  # fmt: skip
-    if len(set(grads)) != len(grads) or not all(_is_leaf(g) for g in grads):
-        return RewriteSkipped(reason="gradients are not distinct graph inputs", node=total.name)
+    if len(set(grads)) != len(grads) or not all(is_leaf(g) for g in grads):
+        return ClipNormSkipped(reason="gradients are not distinct graph inputs", node=total.name)
     inside = set(chain) | {stack}
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     position = {n: i for i, n in enumerate(calls)}
     start = min(position[n] for n in chain)
     between = [n for n in calls[start : position[stack]] if n not in inside]
     if between:
-        return RewriteSkipped(reason=f"{between[0].name} runs between the norms", node=total.name)
+        return ClipNormSkipped(reason=f"{between[0].name} runs between the norms", node=total.name)
     if any(u not in inside for n in chain for u in n.users) or (
         foreach is not None and any(u not in inside for u in foreach.users)
     ):
-        return RewriteSkipped(reason="a per-gradient norm is used outside the total norm", node=total.name)
+        return ClipNormSkipped(reason="a per-gradient norm is used outside the total norm", node=total.name)
     if foreach is not None:
         fused = foreach  # already one multi-tensor norm: only the per-element nodes go
     else:
@@ -209,29 +216,29 @@ def _is_clip_coefficient(node: torch.fx.Node) -> bool:
     )
 
 
-def _fuse_scales(gm: torch.fx.GraphModule, coefficient: torch.fx.Node) -> list[FusedScale | RewriteSkipped]:
+def _fuse_scales(gm: torch.fx.GraphModule, coefficient: torch.fx.Node) -> list[FusedScale | ClipNormSkipped]:
     total = coefficient.args[0].args[1].args[0]
     if _is_total_norm(total) and float(_ord(total)) != 2.0:
-        return [RewriteSkipped(reason=f"norm_type {_ord(total)!r} is not the L2 norm", node=coefficient.name)]
+        return [ClipNormSkipped(reason=f"norm_type {_ord(total)!r} is not the L2 norm", node=coefficient.name)]
     scales = {coefficient} | {
         u for u in coefficient.users if u.op == "call_method" and u.target == "to" and len(u.users) > 0
     }
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     position = {n: i for i, n in enumerate(calls)}
-    results: list[FusedScale | RewriteSkipped] = []
+    results: list[FusedScale | ClipNormSkipped] = []
     for scale in scales:
         muls = [u for u in scale.users if u.op == "call_method" and u.target == "mul_" and u.args[1] is scale]
         if not muls:
             continue
-        if len(muls) == 1 or any(not _is_leaf(m.args[0]) or m.users for m in muls):
+        if len(muls) == 1 or any(not is_leaf(m.args[0]) or m.users for m in muls):
             continue  # a single grad, or not the per-gradient form: nothing to fuse
         positions = sorted(position[m] for m in muls)
         if positions[-1] - positions[0] != len(muls) - 1:
-            results.append(RewriteSkipped(reason="the per-gradient scales are not consecutive", node=scale.name))
+            results.append(ClipNormSkipped(reason="the per-gradient scales are not consecutive", node=scale.name))
             continue
         grads = [calls[p].args[0] for p in positions]
         if len(set(grads)) != len(grads):
-            results.append(RewriteSkipped(reason="a gradient is scaled twice", node=scale.name))
+            results.append(ClipNormSkipped(reason="a gradient is scaled twice", node=scale.name))
             continue
         with gm.graph.inserting_before(calls[positions[0]]):
             fused = gm.graph.call_function(torch._foreach_mul_, (grads, scale))

@@ -33,7 +33,9 @@ import torch
 import torch.fx
 
 from hpuopt.config import Config
-from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt.fx_utils import packet_name
+from hpuopt.passes.base import CompileContext, GraphPass, PassResult
+from hpuopt.records import Finding
 
 
 @torch.fx.node.has_side_effect
@@ -49,11 +51,16 @@ def _habana_mark_step():
 
 
 @dataclasses.dataclass(frozen=True)
-class MarkStepInserted:
+class MarkStepInserted(Finding):
     """One inserted boundary: after which node (``None``: at the start) and why."""
 
+    pass_name: ClassVar[str] = "mark_step"
     after: str | None
     reason: str
+
+    @property
+    def node(self) -> str | None:
+        return self.after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +70,8 @@ class MarkStepPass(GraphPass):
     name: ClassVar[str] = "mark_step"
     stage: ClassVar[str] = "post_aot"
 
-    def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
-        kind = gm.meta.get("hpuopt.kind")  # "forward" | "backward" | "inference", from the backend
-        device = config.runtime if config.runtime != "auto" else _device_type(gm)
+    def run(self, gm: torch.fx.GraphModule, config: Config, ctx: CompileContext) -> PassResult:
+        kind, device = ctx.kind, ctx.device
         wanted: dict[torch.fx.Node | None, str] = {}  # insert after this node (None: first)
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -94,8 +100,6 @@ class MarkStepPass(GraphPass):
             with ctx:
                 gm.graph.call_function(mark_step, (device,))
             inserted.append(MarkStepInserted(after.name if after is not None else None, reason))
-        if inserted:
-            gm.recompile()
         return PassResult(gm, bool(inserted), tuple(inserted))
 
 
@@ -114,26 +118,10 @@ def _is_optimizer_step(gm: torch.fx.GraphModule) -> bool:
     """Whether the graph (or one of its pieces) holds a fused or multi-tensor parameter update."""
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
-            if name.startswith(_OPTIMIZER_OPS):
+            if packet_name(node).startswith(_OPTIMIZER_OPS):
                 return True
         elif node.op == "call_module":
             sub = gm._modules.get(node.target)
             if isinstance(sub, torch.fx.GraphModule) and _is_optimizer_step(sub):
                 return True
     return False
-
-
-def _device_type(gm: torch.fx.GraphModule) -> str:
-    """The accelerator the graph's tensors live on (from metadata), or ``"cpu"``."""
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.device.type not in ("cpu", "meta"):
-            return val.device.type
-        if node.op == "call_module":
-            sub = gm._modules.get(node.target)
-            if isinstance(sub, torch.fx.GraphModule):
-                inner = _device_type(sub)
-                if inner != "cpu":
-                    return inner
-    return "cpu"

@@ -30,19 +30,25 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hpuopt.config import Config
+from hpuopt.fx_utils import source_line
 from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt.records import Finding
 
 aten = torch.ops.aten
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedFillRewrite:
+class MaskedFillRewrite(Finding):
+    pass_name: ClassVar[str] = "masked_fill"
     node: str
     source: str | None
+    reason: str = "boolean-mask assignment of one value became a where"
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedFillSkipped:
+class MaskedFillSkipped(Finding):
+    pass_name: ClassVar[str] = "masked_fill"
+    applied: ClassVar[bool] = False
     node: str
     reason: str
 
@@ -63,11 +69,8 @@ class MaskedFillPass(GraphPass):
                     findings.append(MaskedFillSkipped(node.name, reason))
                 continue
             _rewrite(gm, node)
-            findings.append(MaskedFillRewrite(node.name, node.meta.get("stack_trace")))
+            findings.append(MaskedFillRewrite(node.name, source_line(node)))
         changed = any(isinstance(f, MaskedFillRewrite) for f in findings)
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, changed, tuple(findings))
 
 

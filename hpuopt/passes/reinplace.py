@@ -39,6 +39,7 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
+from hpuopt.records import Finding
 
 aten = torch.ops.aten
 
@@ -47,7 +48,8 @@ _FUSED_WRITES = {"_fused_adam": (0, 2, 3, 4), "_fused_adamw": (0, 2, 3, 4), "_fu
 
 
 @dataclasses.dataclass(frozen=True)
-class Reinplaced:
+class Reinplaced(Finding):
+    pass_name: ClassVar[str] = "reinplace"
     node: str
     op: str
     tensors: int
@@ -55,9 +57,15 @@ class Reinplaced:
     removed: int
     """Nodes of unpacking and copying removed."""
 
+    @property
+    def reason(self) -> str:
+        return f"{self.op} updates {self.tensors} tensor(s) in place"
+
 
 @dataclasses.dataclass(frozen=True)
-class ReinplaceSkipped:
+class ReinplaceSkipped(Finding):
+    pass_name: ClassVar[str] = "reinplace"
+    applied: ClassVar[bool] = False
     node: str
     op: str
     reason: str
@@ -79,9 +87,6 @@ class ReinplacePass(GraphPass):
             outcome = _rewrite(gm, node, inplace, written, order)
             findings.append(outcome)
         changed = any(isinstance(f, Reinplaced) for f in findings)
-        if changed:
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, changed, tuple(findings))
 
 

@@ -12,7 +12,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import hpuopt.optim
 from hpuopt.config import Config
-from hpuopt.passes.fused_adam import FusedAdamPass, FusedAdamRewrite, RewriteSkipped
+from hpuopt.passes.fused_adam import FusedAdamPass, FusedAdamRewrite, FusedAdamSkipped
 from hpuopt.passes.fused_clip_norm import FusedClipNormPass
 
 STEPS = 20
@@ -129,8 +129,8 @@ def test_rewritten_step_equals_eager_torch_optim(kind, foreach, groups, seed, vi
     options = [g[1] for g in groups]
     backend = _run_against_eager(kind, foreach, shapes, options, seed, via=via)
     rewrites = backend.findings(FusedAdamRewrite)
-    assert rewrites, backend.findings(RewriteSkipped)
-    assert not backend.findings(RewriteSkipped)
+    assert rewrites, backend.findings(FusedAdamSkipped)
+    assert not backend.findings(FusedAdamSkipped)
     # every param group of every compile (before and after load_state_dict) became fused calls
     assert sum(r.num_params for r in rewrites) == len(backend.graphs) * sum(map(len, shapes))
     # _foreach_add_(steps) + fused per group; hpuopt.optim.step also sets and restores grad mode
@@ -260,7 +260,7 @@ def test_modified_update_rule_is_left_alone_with_reason():
     backend = PassBackend(FusedAdamPass())
     torch.compile(_replica_adam(modified=True), backend=backend)(params, grads, ms, vs, steps)
     assert not backend.findings(FusedAdamRewrite)
-    skipped = backend.findings(RewriteSkipped)
+    skipped = backend.findings(FusedAdamSkipped)
     assert len(skipped) == n
     assert all("Adam" in s.reason and "at " in s.reason for s in skipped), skipped
     assert not any(r.modified for r in backend.results)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch._dynamo.backends.common import aot_autograd
 
 from hpuopt.config import Config
-from hpuopt.passes.fused_clip_norm import FusedClipNormPass, FusedNorm, FusedScale, RewriteSkipped
+from hpuopt.passes.fused_clip_norm import FusedClipNormPass, FusedNorm, FusedScale, ClipNormSkipped
 
 STEPS = 20
 
@@ -73,7 +73,7 @@ def test_l2_clip_equals_eager_and_is_fused(shapes, max_norm, foreach, seed):
     recorder = _run(shapes, max_norm, foreach, seed)
     (norm,) = recorder.findings(FusedNorm)
     assert norm.num_grads == len(shapes)
-    assert not recorder.findings(RewriteSkipped)
+    assert not recorder.findings(ClipNormSkipped)
     if not foreach:
         (scale,) = recorder.findings(FusedScale)
         assert scale.num_grads == len(shapes)
@@ -95,7 +95,7 @@ def test_other_norm_types_are_left_alone_with_reason(foreach, norm_type):
     recorder = _run([(2, 3), (4,), (5,)], 1.0, foreach, seed=1, norm_type=norm_type, steps=3)
     assert not recorder.findings(FusedNorm) and not recorder.findings(FusedScale)
     assert not any(r.modified for r in recorder.results)
-    reasons = {s.reason for s in recorder.findings(RewriteSkipped)}
+    reasons = {s.reason for s in recorder.findings(ClipNormSkipped)}
     assert reasons == {f"norm_type {norm_type!r} is not the L2 norm"}
     assert recorder.before == recorder.after
 

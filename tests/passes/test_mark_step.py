@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import hpuopt
 from hpuopt import Config
+from hpuopt.passes.base import CompileContext
 from hpuopt.passes.cleanup import CleanupPass
 from hpuopt.passes.mark_step import MarkStepPass, mark_step
 from hpuopt.passes.split import SplitPass
@@ -40,17 +41,16 @@ def test_boundaries_around_each_dynamic_piece():
 def test_static_graph_gets_no_boundary_but_backward_does():
     gm = _split(lambda x: x.sin() * 2, torch.randn(4))
     assert not MarkStepPass()(gm, Config()).modified
-    gm.meta["hpuopt.kind"] = "backward"
-    result = MarkStepPass()(gm, Config())
+    result = MarkStepPass()(gm, Config(), CompileContext(kind="backward"))
     assert [m.reason for m in result.findings] == ["after the backward"]
     assert list(gm.graph.nodes)[-2].target is mark_step
 
 
 def test_pipelining_fwd_bwd_marks_end_of_forward():
     gm = _split(lambda x: x.sin() * 2, torch.randn(4))
-    gm.meta["hpuopt.kind"] = "forward"
-    assert not MarkStepPass()(gm, Config()).modified
-    result = MarkStepPass()(gm, Config(pipelining_fwd_bwd=True))
+    forward = CompileContext(kind="forward")
+    assert not MarkStepPass()(gm, Config(), forward).modified
+    result = MarkStepPass()(gm, Config(pipelining_fwd_bwd=True), forward)
     assert [m.reason for m in result.findings] == ["end of forward (pipelining_fwd_bwd)"]
 
 
@@ -78,7 +78,7 @@ def test_cleanup_keeps_mark_steps_and_removes_dead_nodes():
         dead = gm.graph.call_function(torch.ops.aten.sin.default, (next(iter(gm.graph.nodes)),))
     gm.graph.lint()
     result = CleanupPass()(gm, Config())
-    assert dead.name in result.findings
+    assert dead.name in [f.node for f in result.findings]
     assert count_ops(gm, mark_step) == n_marks
 
 
