@@ -10,7 +10,7 @@ from hpuopt.config import Config
 from hpuopt.diagnostics.counters import Counters, counters
 from hpuopt.diagnostics.explain import ExplainReport
 from hpuopt import optim
-from hpuopt.optin import (
+from hpuopt.wrap import (
     GraphedForward,
     ModuleCacher,
     is_wrapped,
