@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 aten = torch.ops.aten
+_HigherOrder = torch._ops.HigherOrderOperator
 
 HOST_READ_OPS: frozenset[Any] = frozenset(
     {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal}
@@ -53,6 +54,20 @@ COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d"
 
 FUSED_ADAM_OPS: frozenset[str] = frozenset({"_fused_adam", "_fused_adamw"})
 
+HOST_CHECK_OPS: frozenset[Any] = frozenset({aten._linalg_check_errors})
+"""Kernels that read an error code back to the host (the ``linalg`` family's info checks):
+under capture the check would run once, at capture, and never again."""
+
+GRAPH_UNSAFE_OPS: frozenset[Any] = frozenset(
+    {aten._fused_moving_avg_obs_fq_helper, aten._fused_moving_avg_obs_fq_helper_functional}
+)
+"""Ops torch's own CUDA-graph paths refuse by name (``torch/_inductor/utils.py``,
+``FORBIDDEN_CUDAGRAPH_OPS``), beyond host reads and asserts."""
+
+UNCAPTURABLE_HIGHER_ORDER = frozenset({"while_loop", "run_and_save_rng_state", "run_with_rng_state"})
+"""Higher-order ops a device graph cannot hold: a loop decides each iteration on the host; the
+RNG-state wrappers read and set the generator's state on the host."""
+
 
 def is_bool_index(indices: Sequence[Any] | None, dtype_of: Any = None) -> bool:
     """Whether an ``index``-family op's index list holds a boolean (or uint8) mask.
@@ -65,6 +80,32 @@ def is_bool_index(indices: Sequence[Any] | None, dtype_of: Any = None) -> bool:
         if dtype in (torch.bool, torch.uint8):
             return True
     return False
+
+
+def capture_unsafe_reason(target: Any, args: Sequence[Any], val: Any) -> tuple[str, str] | None:
+    """``(category, why)`` when a node calling ``target`` (fake ``args`` values, output
+    ``val``) cannot be captured, else ``None``; the category is a split reason.
+
+    Decided before any capture, from what torch's own CUDA-graph paths refuse: ops tagged
+    ``cudagraph_unsafe``, error checks that read the device, uncapturable higher-order ops, a
+    ``cond`` whose predicate is a tensor (read on the host to pick a branch), sparse outputs.
+    """
+    packet = getattr(target, "overloadpacket", None)
+    unsafe_tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if unsafe_tag is not None and unsafe_tag in getattr(target, "tags", ()):
+        return "known_uncapturable", "op is tagged cudagraph_unsafe"
+    if packet in GRAPH_UNSAFE_OPS:
+        return "known_uncapturable", "op is refused by device-graph capture"
+    if packet in HOST_CHECK_OPS:
+        return "host_read", "checks an error code on the host (a device sync)"
+    name = getattr(target, "__name__", None) if isinstance(target, _HigherOrder) else None
+    if name in UNCAPTURABLE_HIGHER_ORDER:
+        return "host_read", f"higher-order op {name} decides on the host"
+    if name == "cond" and args and isinstance(args[0], torch.Tensor):
+        return "host_read", "cond reads its tensor predicate on the host to pick a branch"
+    if isinstance(val, torch.Tensor) and val.layout != torch.strided:
+        return "known_uncapturable", f"produces a {val.layout} tensor"
+    return None
 
 
 def host_sync_reason(func: Any, args: Sequence[Any]) -> str | None:

@@ -140,18 +140,19 @@ def _classify_node(
         return "data_dependent_shape", "indexing with a boolean mask finds its rows on the host"
     val = node.meta.get("val")
     in_vals = [n.meta.get("val") for n in node.all_input_nodes]
+    arg_vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
+    unsafe = ops.capture_unsafe_reason(target, arg_vals, val)
+    if unsafe is not None:
+        return unsafe  # type: ignore[return-value]
     if _crosses_devices(val, in_vals):
         return "device_copy", "moves data between devices"
     if not _holds_tensor(val) and any(_unbacked(v) for v in in_vals):
         return "host_scalar", "scalar work on data-dependent values runs on the host"
     if any(isinstance(v, (torch.SymFloat, torch.SymBool)) and _unbacked(v) for v in in_vals):
         return "host_scalar", "consumes a data-dependent scalar read from the device"
-    if (
-        main_device is not None
-        and isinstance(val, torch.Tensor)
-        and val.device.type == "cpu"
-        and val.dim() > 0
-    ):
+    if main_device is not None and _holds_cpu_tensor(val):
+        # Of any rank: a device kernel reads a CPU scalar operand by value at launch, so
+        # inside a captured graph a CPU result would be frozen at its capture-time value.
         return "host_tensor", f"CPU tensor op in a graph that runs on {main_device}"
     return None
 
@@ -171,6 +172,14 @@ def _crosses_devices(val: Any, in_vals: list[Any]) -> bool:
         return False
     devices = {v.device for v in in_vals if isinstance(v, torch.Tensor) and v.dim() > 0}
     return bool(devices) and val.device not in devices
+
+
+def _holds_cpu_tensor(val: Any) -> bool:
+    if isinstance(val, torch.Tensor):
+        return val.device.type == "cpu"
+    if isinstance(val, (list, tuple)):
+        return any(_holds_cpu_tensor(v) for v in val)
+    return False
 
 
 def _holds_tensor(val: Any) -> bool:
