@@ -10,7 +10,7 @@ TORCH_CPU_PIN ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hpuopt-installed
 
-.PHONY: demo test test-all bench env clean
+.PHONY: demo test test-all bench env clean gpu-check
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -35,6 +35,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	RUN_SLOW_TESTS=1 $(PY) -m pytest -q
+
+# On a GPU machine: the machine's own python3 and torch, no environment to build, no network.
+# DRY_RUN=1 prints the plan without importing torch (CI runs that).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) .ci/gpu_check.py $(if $(DRY_RUN),--dry-run,)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

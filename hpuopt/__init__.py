@@ -1,7 +1,8 @@
 """hpuopt: a torch.compile backend that replays device graphs for host-bound models.
 
-``torch.compile(model, backend="hpugraph")`` works without importing this package (the backend
-is registered through the ``torch_dynamo_backends`` entry point).
+``torch.compile(model, backend="hpugraph")`` works without importing this package when it is
+installed (the ``torch_dynamo_backends`` entry point registers the backend); from a plain
+checkout on ``PYTHONPATH``, importing ``hpuopt`` registers it.
 """
 
 from hpuopt.api import CompiledModel, compile, explain, reset, warmup
@@ -28,6 +29,24 @@ from hpuopt.errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def _register_backend() -> None:
+    """Registers ``"hpugraph"`` with Dynamo when no installed entry point will (a plain
+    checkout on ``PYTHONPATH``). With the package installed, the entry point registers it on
+    first use, and registering here too would make that a duplicate."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "hpugraph" in _COMPILER_FNS:
+        return
+    if "hpugraph" in entry_points(group="torch_dynamo_backends").names:
+        return
+    register_backend(hpugraph_backend, name="hpugraph")
+
+
+_register_backend()
 
 __all__ = [
     "CaptureError",

@@ -141,3 +141,22 @@ def test_debug_and_dump_dir(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.endswith(".split.py") for n in names)
     assert any(n.endswith(".input.py") for n in names)
+
+
+def test_backend_registers_itself_without_an_installed_entry_point(monkeypatch):
+    import importlib.metadata
+
+    from torch._dynamo.backends import registry
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: _NoEntryPoints())
+    monkeypatch.delitem(registry._COMPILER_FNS, "hpugraph", raising=False)
+    monkeypatch.setitem(registry._BACKENDS, "hpugraph", None)
+    hpuopt._register_backend()
+    assert registry._COMPILER_FNS["hpugraph"] is hpuopt.hpugraph_backend
+    hpuopt._register_backend()  # a second import-time call is not a duplicate registration
+    x = torch.randn(4)
+    torch.testing.assert_close(torch.compile(torch.sin, backend="hpugraph")(x), torch.sin(x))
+
+
+class _NoEntryPoints:
+    names: tuple[str, ...] = ()
