@@ -38,6 +38,8 @@ class CapturedGraph:
     executed: bool = False
     aliases: tuple[OutputAlias, ...] = ()
     """Outputs that are views of inputs (see :class:`OutputAlias`)."""
+    handle: Any = None
+    """The platform's own record of the graph, for its ``release`` (opaque to everyone else)."""
 
 
 @runtime_checkable
