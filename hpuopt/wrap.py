@@ -9,7 +9,9 @@ captured too.
 
 What wrapping changes: the *instance's* ``forward`` attribute becomes a :class:`GraphedForward`
 (``module.forward`` shows it; the class is untouched, hooks still run through
-``module.__call__``, and the ``state_dict`` keys do not change). :func:`unwrap` removes it.
+``module.__call__``, and the ``state_dict`` keys do not change). The wrapper keeps the wrapped
+forward's signature, name and docstring, so code that inspects ``forward`` sees what it saw
+before. :func:`unwrap` removes it.
 
 Per call, ``bypass_hpu_graphs=True`` runs the original forward uncaptured (the keyword is
 consumed, never passed on). Each wrapped forward keeps its own records: ``stats()``,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -42,6 +45,11 @@ class GraphedForward:
 
     def __init__(self, module: torch.nn.Module, config: Config) -> None:
         self.original = module.forward  # the bound forward of the class
+        # Libraries read a forward's parameters (transformers' generate() builds position ids
+        # only when forward takes them): the wrapper shows the wrapped forward's signature,
+        # name and docstring, and ``__wrapped__`` leads to it.
+        functools.update_wrapper(self, self.original, updated=())
+        self.__signature__ = inspect.signature(self.original)
         self.config = config
         self.session = Session()
         backend = functools.partial(hpugraph_backend, config=config, session=self.session)

@@ -4,6 +4,7 @@ seed documents' ModuleCacher examples."""
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 
 import pytest
@@ -156,3 +157,55 @@ def test_wrap_rejects_non_modules_and_bad_options():
         hpuopt.wrap_in_hpu_graph(lambda x: x)
     with pytest.raises(hpuopt.ConfigError, match="max_graph"):
         hpuopt.ModuleCacher(max_graph=3)
+
+
+class _Keywords(torch.nn.Module):
+    """A forward whose parameters a library might look for."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, scale: float = 1.0):
+        """Projects the inputs."""
+        h = self.proj(input_ids) * scale
+        if position_ids is not None:
+            h = h + position_ids.unsqueeze(-1).to(h.dtype)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return h
+
+
+def _builds_position_ids(module, mask):
+    """What transformers' generate() does: position ids only if forward takes them."""
+    if "position_ids" in inspect.signature(module.forward).parameters:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+    return None
+
+
+@pytest.mark.parametrize("how", ["wrap_in_hpu_graph", "ModuleCacher", "wrap_submodules"])
+def test_wrapped_forward_keeps_its_signature_name_and_docstring(how):
+    model = _Keywords()
+    before = inspect.signature(model.forward)
+    if how == "wrap_in_hpu_graph":
+        hpuopt.wrap_in_hpu_graph(model)
+        target = model
+    elif how == "ModuleCacher":
+        target = hpuopt.ModuleCacher(max_graphs=4)(model=model, inplace=True)
+    else:
+        outer = torch.nn.Sequential(model)
+        hpuopt.wrap_submodules(outer, names=["0"])
+        target = outer[0]
+    assert hpuopt.is_wrapped(target)
+    assert inspect.signature(target.forward) == before
+    assert target.forward.__name__ == "forward"
+    assert target.forward.__doc__ == "Projects the inputs."
+    x = torch.randn(2, 5, 8)
+    mask = (torch.rand(2, 5) > 0.3).to(torch.float32)
+    pos = _builds_position_ids(target, mask)
+    assert pos is not None  # the library still sees position_ids
+    with torch.no_grad():
+        torch.testing.assert_close(
+            target(x, attention_mask=mask, position_ids=pos, scale=0.5),
+            target.forward.bypass(x, attention_mask=mask, position_ids=pos, scale=0.5),
+        )
