@@ -30,7 +30,7 @@ import sympy
 import torch
 import torch.fx
 
-from hpuopt.fx_utils import MISSING, node_value, op_name, source_line
+from hpuopt.fx_utils import MISSING, node_value, op_name, placeholders, source_line
 from hpuopt.passes.padding.binding import _mutated_args, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _POISON,
@@ -462,7 +462,7 @@ def _proposal(pad_dims: Mapping[int, int | Sequence[int]]) -> list[PadSource]:
 def _reject_missing_inputs(gm: torch.fx.GraphModule, proposed: list[PadSource],
                            ) -> tuple[dict[PadSource, list[UnsafeReason]], list[PadSource]]:
     """Sources naming no placeholder are rejected up front; the rest are live."""
-    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    n_inputs = len(placeholders(gm))
     rejected: dict[PadSource, list[UnsafeReason]] = {}
     live = []
     for s in proposed:
@@ -494,14 +494,10 @@ def _drop_failed(analysis: _Analysis, live: list[PadSource],
 def default_pad_dims(gm: torch.fx.GraphModule) -> dict[int, int]:
     """Dim 0 of every non-parameter tensor input whose dim 0 is symbolic in ``meta``."""
     proposal: dict[int, int] = {}
-    index = 0
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
+    for index, node in enumerate(placeholders(gm)):
         val = node_value(node)
         if isinstance(val, torch.Tensor) and not isinstance(val, torch.nn.Parameter) \
                 and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt) \
                 and not isinstance(val.shape[0].node.expr, sympy.Integer):
             proposal[index] = 0
-        index += 1
     return proposal
