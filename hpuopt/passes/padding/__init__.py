@@ -1,0 +1,39 @@
+"""Padding-safety analysis: may a static piece run on inputs padded up to a shape bucket?
+
+The one public way to run it: :func:`analyze_padding` (judge a proposal ``{input: dim(s)}``),
+:func:`default_pad_dims` (the proposal ``bucket_plan`` makes: dim 0 of every input whose dim 0 is
+symbolic) and :class:`PaddingAnalysisPass` (the same as a stand-alone pass). The records of a
+verdict live in :mod:`hpuopt.records` and are re-exported here.
+
+    >>> plan = analyze_padding(gm, {0: 0})            # propose: input 0, dim 0
+    >>> plan.safe, [str(d) for d in plan.outputs]
+    (True, ['output 0 dim 0 = input 0 dim 0'])
+
+What the analysis proves, its domain, the rules per op family and its guarantees:
+``docs/padding.md``. The modules: ``domain`` (abstract states), ``binding`` (an op's arguments
+by schema name), ``rules/`` (transfer rules and table rows per op family), ``table`` (the rows
+assembled), ``engine`` (the walk and the driver), ``analysis_pass`` (the pass).
+"""
+
+from hpuopt.passes.padding.analysis_pass import PaddingAnalysisPass
+from hpuopt.passes.padding.engine import analyze_padding, default_pad_dims
+from hpuopt.records import (
+    InputVerdict,
+    OutputDim,
+    PaddingPlan,
+    PadSource,
+    SizeInput,
+    UnsafeReason,
+)
+
+__all__ = [
+    "InputVerdict",
+    "OutputDim",
+    "PadSource",
+    "PaddingAnalysisPass",
+    "PaddingPlan",
+    "SizeInput",
+    "UnsafeReason",
+    "analyze_padding",
+    "default_pad_dims",
+]

@@ -1,0 +1,100 @@
+"""The abstract domain of the padding analysis: what it knows about each value of a graph.
+
+A tensor's state (:class:`_Tensor`) says, per dim, whether the dim carries a padded extent
+(:class:`_Dim`: which pad source, with what factor and offset) and what its pad region holds
+(the pad-content facts ``ZERO ⊂ FINITE ⊂ ANY``). A symbolic integer's state (:class:`_Sym`) says
+which pad sources its value depends on. :data:`_UNPADDED` is the state of anything the padding
+cannot reach; :data:`_POISON` marks the result of a node already reported unsafe. A transfer rule
+that cannot prove an op safe raises :class:`_Unsafe`. See ``docs/padding.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from hpuopt.records import PadSource
+
+ZERO, FINITE, ANY = 0, 1, 2
+"""Pad-content facts, ordered by inclusion: ZERO ⊂ FINITE ⊂ ANY (see docs/padding.md)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Dim:
+    source: PadSource
+    factor: Any = 1  # int | torch.SymInt (not hashable: never put a _Dim in a set)
+    offset: Any = 0  # int | torch.SymInt
+
+    @property
+    def shifted(self) -> bool:
+        return not _same(self.offset, 0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Tensor:
+    dims: tuple[_Dim | None, ...] | None  # None: no padded dim (rank possibly unknown)
+    pad: int = ANY
+
+    @property
+    def padded(self) -> bool:
+        return self.dims is not None and any(d is not None for d in self.dims)
+
+    def dim(self, i: int) -> _Dim | None:
+        return None if self.dims is None else self.dims[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sym:
+    deps: frozenset[PadSource] = frozenset()
+    exact: _Dim | None = None  # the value *is* the extent of a dim with this state
+
+
+_UNPADDED = _Tensor(None, FINITE)
+_POISON = object()  # the result of a node reported unsafe; consumers are skipped silently
+
+
+class _Unsafe(Exception):
+    def __init__(self, why: str, sources: Iterable[PadSource] | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.sources = None if sources is None else frozenset(sources)
+
+
+def _state_sources(state: Any) -> Iterator[PadSource]:
+    if isinstance(state, _Tensor) and state.dims is not None:
+        yield from (d.source for d in state.dims if d is not None)
+    elif isinstance(state, _Sym):
+        yield from state.deps
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            yield from _state_sources(s)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return bool(statically_known_true(a == b))
+
+
+def _same_dim(a: _Dim, b: _Dim) -> bool:
+    return _same(a.offset, b.offset) and _same(a.factor, b.factor)
+
+
+def _prod(values: Iterable[Any]) -> Any:
+    result: Any = 1
+    for v in values:
+        result = result * v
+    return result
+
+
+def _literal_pad(v: Any) -> int:
+    """The pad-content fact of a constant operand (a Python scalar)."""
+    if isinstance(v, bool):
+        return ZERO if not v else FINITE
+    if isinstance(v, (int, float)):
+        if v == 0:
+            return ZERO
+        return FINITE if math.isfinite(v) else ANY
+    return FINITE

@@ -1,0 +1,127 @@
+"""Transfer rules of windowed ops and attention: convolution and its backward, pooling and
+upsampling, scaled dot-product attention.
+
+Batch (and, for pooling, channel) dims are independent; a padded spatial dim is read by its
+neighbours' windows. Attention is safe on batch, head and query dims, and on the key length only
+for causal self-attention padded on both lengths. Rules 14 and 15 of ``docs/padding.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hpuopt.fx_utils import node_value
+from hpuopt.passes.padding.binding import Row, RuleFn, _Op, _Rule
+from hpuopt.passes.padding.domain import (
+    _UNPADDED,
+    ANY,
+    FINITE,
+    ZERO,
+    _same,
+    _same_dim,
+    _Tensor,
+    _Unsafe,
+)
+
+
+def _batch_only(arg: str, independent: int, outputs: int = 1) -> RuleFn:
+    """Ops independent over the first ``independent`` dims (batch, channels) and windowed after."""
+
+    def rule(op: _Op) -> Any:
+        st = op.tensor(arg)
+        rank = op.rank(arg)
+        hit = [d for d in range(independent, rank) if st.dim(d) is not None]
+        if hit:
+            raise _Unsafe(f"{op.schema.name.split('::')[-1]} reads neighbours along the padded dim "
+                          f"{hit[0]}")
+        for name, v in op.values.items():
+            if name != arg and isinstance(s := op.state(name), _Tensor) and s.padded:
+                raise _Unsafe(f"{name} is padded")
+        out_rank = len(op.out_shape(0 if outputs > 1 else None))
+        dims = tuple(st.dim(i) if i < independent else None for i in range(out_rank))
+        bias = op.raw("bias") if "bias" in op.values else None
+        pad = st.pad if (st.pad == ZERO and bias is None) else max(st.pad, FINITE)
+        state = _Tensor(dims, pad)
+        return state if outputs == 1 else tuple(_Tensor(dims, FINITE if k else pad)
+                                                for k in range(outputs))
+
+    return rule
+
+
+def _conv_backward(op: _Op) -> tuple[_Tensor, ...]:
+    g, x = op.tensor("grad_output"), op.tensor("input")
+    for name, st in (("grad_output", g), ("input", x)):
+        hit = [d for d in range(1, op.rank(name)) if st.dim(d) is not None]
+        if hit:
+            raise _Unsafe(f"convolution backward with {name} padded on dim {hit[0]}")
+    if op.tensor("weight").padded:
+        raise _Unsafe("convolution weight is padded")
+    mask = op.raw("output_mask") or [True, True, True]
+    if (g.padded or x.padded) and (mask[1] or mask[2]):
+        if not (g.pad == ZERO and (x.pad <= FINITE or not x.padded)):
+            raise _Unsafe("convolution backward sums weight/bias gradients over the padded batch: "
+                          "exact only when grad_output's pad is zero")
+        op.an.require_zero("convolution backward sums weight/bias gradients over the padded batch")
+    gin_dims = (g.dim(0),) + (None,) * (op.rank("input") - 1)
+    return _Tensor(gin_dims, ZERO if g.pad == ZERO else ANY), _UNPADDED, _UNPADDED
+
+
+def _attention(op: _Op) -> Any:
+    q, k, v = op.tensor("query"), op.tensor("key"), op.tensor("value")
+    for name in ("attn_mask", "attn_bias"):
+        if name in op.values and op.tensor(name).padded:
+            raise _Unsafe(f"attention {name} is padded (a key-padding mask would be needed)")
+    if (op.raw("dropout_p") or 0.0) > 0.0:
+        raise _Unsafe("attention dropout is random (see rule 17)")
+    if q.dim(3) is not None or k.dim(3) is not None:
+        raise _Unsafe("attention contracts over the padded head dim")
+    kl, vl = k.dim(2), v.dim(2)
+    if kl is not None or vl is not None:
+        ql = q.dim(2)
+        causal = bool(op.raw("is_causal"))
+        ok = (kl is not None and vl is not None and ql is not None and causal
+              and _same_dim(kl, ql) and _same_dim(vl, ql)
+              and _same(op.shape("query")[2], op.shape("key")[2]))
+        if not ok:
+            raise _Unsafe("attention over a padded key length: the softmax normaliser reads the "
+                          "pad (safe only for causal self-attention padded on both lengths)")
+    lead = []
+    for d in (0, 1):
+        ds = [t.dim(d) for t in (q, k, v)]
+        present = [x for x in ds if x is not None]
+        if present and (len(present) != 3 or not all(_same_dim(present[0], x) for x in present)):
+            raise _Unsafe(f"attention operands carry the padded extent differently on dim {d}")
+        lead.append(present[0] if present else None)
+    out0 = _Tensor((lead[0], lead[1], q.dim(2), v.dim(3)), ANY)
+    val = node_value(op.node)
+    if not isinstance(val, (list, tuple)):
+        return out0
+    results: list[_Tensor] = [out0]
+    q_shape = op.shape("query")
+    for item in val[1:]:
+        if isinstance(item, torch.Tensor) and item.dim() >= 3 and \
+                all(_same(item.shape[i], q_shape[i]) for i in range(3)):
+            results.append(_Tensor((lead[0], lead[1], q.dim(2)) + (None,) * (item.dim() - 3), ANY))
+        else:
+            results.append(_UNPADDED)
+    return tuple(results)
+
+
+ROWS: tuple[Row, ...] = (
+    ("convolution over the batch dim", _Rule(_batch_only("input", 1)), ("convolution",
+                                                                        "_convolution")),
+    ("convolution backward", _Rule(_conv_backward), ("convolution_backward",)),
+    ("pooling over batch/channels", _Rule(_batch_only("self", 2)), (
+        "avg_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool2d", "avg_pool1d",
+        "avg_pool3d", "upsample_nearest2d", "upsample_bilinear2d",
+    )),
+    ("max pooling (values, indices)", _Rule(_batch_only("self", 2, outputs=2)), (
+        "max_pool2d_with_indices", "max_pool3d_with_indices",
+    )),
+    ("attention", _Rule(_attention), (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+    )),
+)

@@ -1,0 +1,88 @@
+"""Transfer rules of ops that index by data: ``index_select``, ``embedding`` and its backward,
+``index.Tensor`` (gathering rows), and the scatter/gather family.
+
+Padded *indices* are safe only with pad value 0 (index 0 is a valid row; arbitrary pad contents
+could be out of range); a padded tensor indexed by data is unsafe. Rules 5 and 8 of
+``docs/padding.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hpuopt.passes.padding.binding import Row, _Op, _Rule
+from hpuopt.passes.padding.domain import _UNPADDED, FINITE, ZERO, _Tensor, _Unsafe
+
+
+def _index_select(op: _Op) -> _Tensor:
+    st, idx = op.tensor("self"), op.tensor("index")
+    rank = op.rank("self")
+    dim = op.dim_arg("dim", rank)
+    dims = list(st.dims or (None,) * rank)
+    if idx.padded:
+        _need_zero_index(op, idx, "index_select")
+    dims[dim] = idx.dim(0)  # index_select rejects negative indices: padded `self` rows are unread
+    return _Tensor(tuple(dims), max(st.pad if st.padded else FINITE, FINITE))
+
+
+def _need_zero_index(op: _Op, idx: _Tensor, what: str) -> None:
+    if idx.pad != ZERO:
+        raise _Unsafe(f"{what} with padded indices: arbitrary pad contents may be out-of-range "
+                      "indices (device assert); needs pad value 0")
+    op.an.require_zero(f"{what} with padded indices (pad filled with index 0)")
+
+
+def _embedding(op: _Op) -> _Tensor:
+    w, idx = op.tensor("weight"), op.tensor("indices")
+    # A padded table (dim 0) is fine: the real indices only read its real rows.
+    if idx.padded:
+        _need_zero_index(op, idx, "embedding")
+    dims = tuple(idx.dims or (None,) * op.rank("indices")) + (w.dim(1),)
+    return _Tensor(dims, FINITE)
+
+
+def _embedding_backward(op: _Op) -> _Tensor:
+    grad, idx = op.tensor("grad_output"), op.tensor("indices")
+    if grad.dim(len(op.shape("grad_output")) - 1) is not None:
+        raise _Unsafe("embedding backward with a padded embedding dim")
+    if idx.padded or grad.padded:
+        _need_zero_index(op, idx, "embedding backward")
+        if grad.pad != ZERO:
+            raise _Unsafe("embedding backward sums the padded rows' gradient into row 0; exact "
+                          "only if that gradient's pad is zero")
+    return _Tensor(None, FINITE)
+
+
+def _index_tensor(op: _Op) -> _Tensor:
+    st = op.tensor("self")
+    indices = op.raw("indices")
+    given = [k for k, t in enumerate(indices) if t is not None]
+    if st.padded or len(given) != 1:
+        raise _Unsafe("advanced indexing of a padded tensor: indices are data (negative ones "
+                      "wrap into the pad)")
+    k = given[0]
+    idx = op.an.state_of(indices[k])
+    idx = idx if isinstance(idx, _Tensor) else _UNPADDED
+    if idx.padded:
+        _need_zero_index(op, idx, "indexing")
+    idx_rank = len(op.an.shape_of(indices[k]))
+    rank = op.rank("self")
+    dims = (None,) * k + tuple(idx.dims or (None,) * idx_rank) + (None,) * (rank - k - 1)
+    return _Tensor(dims, FINITE)
+
+
+def _indexing_unsafe(op: _Op) -> Any:
+    raise _Unsafe("data-dependent indexing of a padded tensor (indices may address the pad)")
+
+
+ROWS: tuple[Row, ...] = (
+    ("index_select", _Rule(_index_select), ("index_select",)),
+    ("embedding: padded indices need pad 0", _Rule(_embedding), ("embedding",)),
+    ("embedding backward", _Rule(_embedding_backward), ("embedding_dense_backward",)),
+    ("advanced indexing (gather rows)", _Rule(_index_tensor), ("index",)),
+    ("indexing by data: unsafe when padded", _Rule(_indexing_unsafe), (
+        "gather", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_add",
+        "index_copy", "index_fill", "masked_scatter", "take", "put", "_unsafe_index",
+        "_unsafe_index_put",
+    )),
+)
