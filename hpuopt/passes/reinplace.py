@@ -108,6 +108,10 @@ def _inplace_spec(node: torch.fx.Node) -> tuple[Any, tuple[int, ...]] | None:
     return getattr(packet, target._overloadname), written
 
 
+class _Skip(Exception):
+    """The candidate stays functional; the message says why."""
+
+
 def _rewrite(
     gm: torch.fx.GraphModule,
     node: torch.fx.Node,
@@ -115,37 +119,53 @@ def _rewrite(
     written: tuple[int, ...],
     order: dict[torch.fx.Node, int],
 ) -> Reinplaced | ReinplaceSkipped:
-    op = str(node.target)
+    try:
+        if node.kwargs.get("grad_scale") is not None or node.kwargs.get("found_inf") is not None:
+            raise _Skip("grad_scale/found_inf: the in-place kernel would also write grads")
+        elements = _unpacked_elements(node, written)
+        copies, readers = _copies_and_readers(node, elements, written)
+        _check_no_late_reader(node, written, copies, order)
+    except _Skip as skip:
+        return ReinplaceSkipped(node.name, str(node.target), str(skip))
+    return _apply(gm, node, inplace, written, elements, copies, readers)
 
-    def skip(reason: str) -> ReinplaceSkipped:
-        return ReinplaceSkipped(node.name, op, reason)
 
-    if node.kwargs.get("grad_scale") is not None or node.kwargs.get("found_inf") is not None:
-        return skip("grad_scale/found_inf: the in-place kernel would also write grads")
+def _unpacked_elements(
+    node: torch.fx.Node, written: tuple[int, ...]
+) -> dict[tuple[int, int], torch.fx.Node]:
+    """(list position, index) -> the getitem holding the op's result for that element."""
     fused = len(written) > 1 or node.target.overloadpacket.__name__ in _FUSED_WRITES
-    # element (list position, index) -> the node holding the op's result for it
     elements: dict[tuple[int, int], torch.fx.Node] = {}
     for user in node.users:
         if not _is_getitem(user):
-            return skip(f"its result is used whole by {user.name}")
+            raise _Skip(f"its result is used whole by {user.name}")
         if fused:
             j = user.args[1]
             for inner in user.users:
                 if not _is_getitem(inner):
-                    return skip(f"list {j} of its result is used whole by {inner.name}")
+                    raise _Skip(f"list {j} of its result is used whole by {inner.name}")
                 elements[(j, inner.args[1])] = inner
         else:
             elements[(0, user.args[1])] = user
+    return elements
+
+
+def _copies_and_readers(
+    node: torch.fx.Node,
+    elements: dict[tuple[int, int], torch.fx.Node],
+    written: tuple[int, ...],
+) -> tuple[set[torch.fx.Node], list[tuple[torch.fx.Node, torch.fx.Node]]]:
+    """The nodes that copy results back into the written inputs (they go, with what unpacks
+    them), and the other readers of results as (element, the input it updates)."""
     where = {elem: key for key, elem in elements.items()}  # element node -> (list, index)
     copies: set[torch.fx.Node] = set()
-    doomed: set[torch.fx.Node] = set()
     checked_fc: dict[torch.fx.Node, bool] = {}
-    readers: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (element, its input)
+    readers: list[tuple[torch.fx.Node, torch.fx.Node]] = []
     copied_back: set[tuple[int, int]] = set()
     for (j, i), elem in elements.items():
         if j not in written:
             if elem.users:
-                return skip(f"result list {j} (not written in place) is used")
+                raise _Skip(f"result list {j} (not written in place) is used")
             continue
         dst = node.args[j][i]
         for use in list(elem.users):
@@ -157,22 +177,41 @@ def _rewrite(
                     checked_fc[use] = _copies_back(use, node, where)
                     if checked_fc[use]:
                         copies.add(use)
-                        doomed.update(use.users)
+                        copies.update(use.users)
                         copies.update(u for g in use.users for u in g.users)
                 if not checked_fc[use]:
-                    return skip(f"{use.name} copies its results somewhere else")
+                    raise _Skip(f"{use.name} copies its results somewhere else")
                 copied_back.add((j, i))
             else:
                 readers.append((elem, dst))
     for j in written:
         for i, dst in enumerate(node.args[j]):
             if (j, i) not in copied_back:
-                return skip(f"{dst} (list {j}) is written in place but never copied back")
+                raise _Skip(f"{dst} (list {j}) is written in place but never copied back")
+    return copies, readers
+
+
+def _check_no_late_reader(node: torch.fx.Node, written: tuple[int, ...],
+                          copies: set[torch.fx.Node], order: dict[torch.fx.Node, int]) -> None:
+    """Nothing after the op may read the old value of an input it would now update in place."""
+    for j in written:
+        for dst in node.args[j]:
             for other in dst.users:
                 if other is node or other in copies or order.get(other, 0) < order[node]:
                     continue
-                return skip(f"{other.name} reads the old value of {dst.name} after the update")
-    # rewrite: readers take the updated input; copies, unpacking and the functional op go
+                raise _Skip(f"{other.name} reads the old value of {dst.name} after the update")
+
+
+def _apply(
+    gm: torch.fx.GraphModule,
+    node: torch.fx.Node,
+    inplace: Any,
+    written: tuple[int, ...],
+    elements: dict[tuple[int, int], torch.fx.Node],
+    copies: set[torch.fx.Node],
+    readers: list[tuple[torch.fx.Node, torch.fx.Node]],
+) -> Reinplaced:
+    """Readers take the updated input; copies, unpacking and the functional op go."""
     # one rewrite per reading node: a multi-tensor op reads thousands of elements, and
     # replacing them one at a time would rescan its argument list for each
     redirect: dict[torch.fx.Node, dict[torch.fx.Node, torch.fx.Node]] = {}
@@ -187,7 +226,7 @@ def _rewrite(
         new = gm.graph.call_function(inplace, node.args, node.kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
     unpacking = {*elements.values(), *node.users}  # getitems of the op's result, nothing else
-    removed = _erase_dead(gm, {*copies, *doomed, *unpacking})
+    removed = _erase_dead(gm, {*copies, *unpacking})
     if node.users:  # pragma: no cover - every use was accounted for above
         raise AssertionError(f"{node.name} still has users after reinplacing")
     tensors = sum(len(node.args[j]) for j in written)
