@@ -25,6 +25,7 @@ and removes them afterwards).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import types
 from collections.abc import Iterator
@@ -60,115 +61,126 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+class _HPUGraph:
+    """``hpu.HPUGraph``: capture_begin, capture_end, then replays (see the module docstring)."""
+
+    def __init__(self, standin: HabanaStandin) -> None:
+        self.standin = standin
+        self.state = "new"
+        self._recorder: _Recorder | None = None
+        self.replays = 0
+
+    def capture_begin(self) -> None:
+        self.standin.calls.append("capture_begin")
+        if self.state != "new":
+            raise StandinError(f"capture_begin on a graph in state {self.state!r}")
+        if self.standin.capturing is not None:
+            raise StandinError("only one capture may be under way at a time")
+        self.state = "capturing"
+        self.standin.capturing = self
+        self._recorder = _Recorder()
+        self._recorder.__enter__()
+
+    def capture_end(self) -> None:
+        self.standin.calls.append("capture_end")
+        if self.state != "capturing":
+            raise StandinError(f"capture_end on a graph in state {self.state!r}")
+        assert self._recorder is not None
+        self._recorder.__exit__(None, None, None)
+        self.state = "captured"
+        self.standin.capturing = None
+
+    def abort(self) -> None:
+        if self.state == "capturing" and self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            self.standin.capturing = None
+        self.state = "failed"
+
+    def replay(self, asynchronous: bool = False) -> None:
+        self.standin.calls.append("replay")
+        if self.state != "captured":
+            raise StandinError(f"replay on a graph in state {self.state!r}")
+        assert self._recorder is not None
+        for func, args, kwargs, outs in self._recorder.ops:
+            fresh, _ = tree_flatten(func(*args, **kwargs))
+            fresh = [t for t in fresh if isinstance(t, torch.Tensor)]
+            for old, new in zip(outs, fresh):
+                if old.data_ptr() != new.data_ptr() or old.stride() != new.stride():
+                    old.copy_(new)
+        self.replays += 1
+
+
+class _GraphContext:
+    """``hpu.graph(g, stream=None)``: synchronise, then bracket the block with the capture."""
+
+    def __init__(self, standin: HabanaStandin, hpu_graph: _HPUGraph, stream: Any = None) -> None:
+        self.standin = standin
+        self.hpu_graph = hpu_graph
+        self.stream = stream
+
+    def __enter__(self) -> None:
+        self.standin.synchronize()
+        self.hpu_graph.capture_begin()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.hpu_graph.abort()
+            return
+        self.hpu_graph.capture_end()
+
+
+class _Stream:
+    def __init__(self, standin: HabanaStandin) -> None:
+        self.standin = standin
+
+    def synchronize(self) -> None:
+        self.standin.calls.append("stream.synchronize")
+
+
 class HabanaStandin:
     """Holds the fake modules and the record of calls made to them."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
-        self.capturing: HPUGraph | None = None
-        standin = self
+        self.capturing: _HPUGraph | None = None
+        self.HPUGraph = functools.partial(_HPUGraph, self)
+        self.modules = self._modules()
 
-        class HPUGraph:
-            def __init__(self) -> None:
-                self.state = "new"
-                self._recorder: _Recorder | None = None
-                self.replays = 0
+    def synchronize(self) -> None:
+        self.calls.append("synchronize")
 
-            def capture_begin(self) -> None:
-                standin.calls.append("capture_begin")
-                if self.state != "new":
-                    raise StandinError(f"capture_begin on a graph in state {self.state!r}")
-                if standin.capturing is not None:
-                    raise StandinError("only one capture may be under way at a time")
-                self.state = "capturing"
-                standin.capturing = self
-                self._recorder = _Recorder()
-                self._recorder.__enter__()
+    def mark_step(self) -> None:
+        self.calls.append("mark_step")
+        if self.capturing is not None:
+            raise StandinError("mark_step during a capture")
 
-            def capture_end(self) -> None:
-                standin.calls.append("capture_end")
-                if self.state != "capturing":
-                    raise StandinError(f"capture_end on a graph in state {self.state!r}")
-                assert self._recorder is not None
-                self._recorder.__exit__(None, None, None)
-                self.state = "captured"
-                standin.capturing = None
-
-            def abort(self) -> None:
-                if self.state == "capturing" and self._recorder is not None:
-                    self._recorder.__exit__(None, None, None)
-                    standin.capturing = None
-                self.state = "failed"
-
-            def replay(self, asynchronous: bool = False) -> None:
-                standin.calls.append("replay")
-                if self.state != "captured":
-                    raise StandinError(f"replay on a graph in state {self.state!r}")
-                assert self._recorder is not None
-                for func, args, kwargs, outs in self._recorder.ops:
-                    fresh, _ = tree_flatten(func(*args, **kwargs))
-                    fresh = [t for t in fresh if isinstance(t, torch.Tensor)]
-                    for old, new in zip(outs, fresh):
-                        if old.data_ptr() != new.data_ptr() or old.stride() != new.stride():
-                            old.copy_(new)
-                self.replays += 1
-
-        class graph:
-            def __init__(self, hpu_graph: HPUGraph, stream: Any = None) -> None:
-                self.hpu_graph = hpu_graph
-                self.stream = stream
-
-            def __enter__(self) -> None:
-                synchronize()
-                self.hpu_graph.capture_begin()
-
-            def __exit__(self, exc_type, exc, tb) -> None:
-                if exc_type is not None:
-                    self.hpu_graph.abort()
-                    return
-                self.hpu_graph.capture_end()
-
-        class Stream:
-            def synchronize(self) -> None:
-                standin.calls.append("stream.synchronize")
-
-        @contextlib.contextmanager
-        def stream(s: Stream) -> Iterator[None]:
-            yield
-
-        def synchronize() -> None:
-            standin.calls.append("synchronize")
-
-        def mark_step() -> None:
-            standin.calls.append("mark_step")
-            if standin.capturing is not None:
-                raise StandinError("mark_step during a capture")
-
-        def memory_allocated() -> int:
-            return 0
-
-        self.HPUGraph = HPUGraph
+    def _modules(self) -> dict[str, types.ModuleType]:
         torch_mod = types.ModuleType("habana_frameworks.torch")
         hpu = types.ModuleType("habana_frameworks.torch.hpu")
         core = types.ModuleType("habana_frameworks.torch.core")
-        hpu.HPUGraph = HPUGraph
-        hpu.graph = graph
-        hpu.Stream = Stream
-        hpu.stream = stream
-        hpu.current_stream = lambda: Stream()
-        hpu.synchronize = synchronize
-        hpu.memory_allocated = memory_allocated
-        core.mark_step = mark_step
+        hpu.HPUGraph = self.HPUGraph
+        hpu.graph = functools.partial(_GraphContext, self)
+        hpu.Stream = functools.partial(_Stream, self)
+        hpu.stream = _no_stream_switch
+        hpu.current_stream = hpu.Stream
+        hpu.synchronize = self.synchronize
+        hpu.memory_allocated = lambda: 0
+        core.mark_step = self.mark_step
         torch_mod.hpu = hpu
         torch_mod.core = core
         root = types.ModuleType("habana_frameworks")
         root.torch = torch_mod
-        self.modules = {
+        return {
             "habana_frameworks": root,
             "habana_frameworks.torch": torch_mod,
             "habana_frameworks.torch.hpu": hpu,
             "habana_frameworks.torch.core": core,
         }
+
+
+@contextlib.contextmanager
+def _no_stream_switch(s: _Stream) -> Iterator[None]:
+    yield
 
 
 @contextlib.contextmanager
