@@ -122,7 +122,6 @@ def compile_aot_graph(
         nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
         split_gm, _ = build_pieces(gm, {n: 0 for n in nodes}, {})
     runtime = select_runtime(config, example_inputs)
-    static_idx = _static_input_indices(kind, len(example_inputs))
     aot_record = AotGraphRecord(
         kind=kind,
         runtime=runtime.name,
@@ -133,6 +132,31 @@ def compile_aot_graph(
         module=split_gm,
     )
     record.aot_graphs.append(aot_record)
+    static_idx = _static_input_indices(kind, len(example_inputs))
+    _stand_in_runners(split_gm, aot_record, runtime, config, static_idx, name)
+    forward = eager_forward(split_gm)
+    # One call at a time per graph: a piece's output buffers stay live until the next piece
+    # has copied them, so concurrent callers must not interleave anywhere inside the graph.
+    lock = threading.Lock()
+
+    def run(args: list[Any]) -> Any:
+        with lock:
+            return forward(*args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    aot_record.compile_seconds = time.perf_counter() - start
+    return run
+
+
+def _stand_in_runners(
+    split_gm: torch.fx.GraphModule,
+    aot_record: AotGraphRecord,
+    runtime: Any,
+    config: Config,
+    static_idx: frozenset[int],
+    name: str,
+) -> None:
+    """Puts a :class:`PieceRunner` in place of every static piece of ``split_gm``."""
     placeholders = {n: i for i, n in enumerate(split_gm.graph.find_nodes(op="placeholder"))}
     for node in split_gm.graph.find_nodes(op="call_module"):
         info: PieceInfo = node.meta["hpuopt.piece"]
@@ -165,18 +189,6 @@ def compile_aot_graph(
         sum(p.runner is not None for p in aot_record.pieces),
         runtime.name,
     )
-    forward = eager_forward(split_gm)
-    # One call at a time per graph: a piece's output buffers stay live until the next piece
-    # has copied them, so concurrent callers must not interleave anywhere inside the graph.
-    lock = threading.Lock()
-
-    def run(args: list[Any]) -> Any:
-        with lock:
-            return forward(*args)
-
-    run._boxed_call = True  # type: ignore[attr-defined]
-    aot_record.compile_seconds = time.perf_counter() - start
-    return run
 
 
 def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
