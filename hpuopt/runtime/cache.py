@@ -78,7 +78,7 @@ from hpuopt.runtime.base import (
     empty_like_exact,
     tensor_nbytes,
 )
-from hpuopt.runtime.buckets import BucketPolicy
+from hpuopt.runtime.bucket_policy import BucketPolicy
 from hpuopt.runtime.padder import ABOVE_LARGEST, Padder, slice_outputs
 from hpuopt.runtime.signature import ArgPlan, arg_plan, describe_key, key_part, storage_key
 

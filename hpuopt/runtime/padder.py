@@ -18,7 +18,7 @@ import torch
 from hpuopt.diagnostics.counters import counters
 from hpuopt.records import PaddingPlan, PadSource
 from hpuopt.runtime.base import copy_into
-from hpuopt.runtime.buckets import BucketPolicy
+from hpuopt.runtime.bucket_policy import BucketPolicy
 from hpuopt.runtime.signature import key_part
 
 ABOVE_LARGEST = object()
