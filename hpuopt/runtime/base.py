@@ -47,9 +47,16 @@ class Runtime(Protocol):
     name: str
 
     def capture(
-        self, fn: Callable[..., Sequence[Any]], static_inputs: list[Any], warmup_runs: int
+        self,
+        fn: Callable[..., Sequence[Any]],
+        static_inputs: list[Any],
+        warmup_runs: int,
+        warmup_inputs: list[Any] | None = None,
     ) -> CapturedGraph:
-        """Warms ``fn`` up on ``static_inputs``, captures it, and returns the captured graph.
+        """Warms ``fn`` up ``warmup_runs`` times on ``warmup_inputs`` (``static_inputs`` when
+        ``None``; the runner passes clones of the inputs ``fn`` mutates, so warm-up side effects
+        do not reach them), captures it on ``static_inputs``, and returns the captured graph.
+        The graph is the caller's from then on, not changed by the runtime until ``release``.
 
         Raises :class:`hpuopt.errors.CaptureError` when ``fn`` cannot be captured.
         """
