@@ -260,6 +260,7 @@ class BucketKeys:
 
 
 KeyStrategy = ExactKeys | BucketKeys
+"""Either strategy: ``key``, ``prepare``, ``load`` and ``outputs``, with the same signatures."""
 
 
 def call_keys(padder: Padder | None, args: Sequence[Any]) -> KeyStrategy | None:
