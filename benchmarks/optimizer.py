@@ -91,7 +91,7 @@ import hpuopt  # noqa: E402
 import hpuopt.backend  # noqa: E402
 import hpuopt.optim  # noqa: E402
 import hpuopt.pipeline  # noqa: E402
-from hpuopt.runtime.cache import PieceRunner  # noqa: E402
+from hpuopt.runtime.runner import PieceRunner  # noqa: E402
 
 GOAL_VS_FUSED = 1.10  # hpugraph per step at most this many times eager fused=True
 GOAL_VS_INDUCTOR = 2.0  # hpugraph at least this many times faster than inductor per step

@@ -34,7 +34,7 @@ from hpuopt.passes.base import CompileContext, GraphPass
 from hpuopt.pipeline import PipelineResult, run_pipeline
 from hpuopt.runtime import select_runtime
 from hpuopt.runtime.base import eager_forward
-from hpuopt.runtime.cache import PieceRunner
+from hpuopt.runtime.runner import PieceRunner
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 A runtime captures a callable on static input buffers and hands back a :class:`CapturedGraph`
 whose ``replay()`` re-runs the captured work reading the same input buffers and writing the same
 output buffers. Everything around that — which inputs to copy, keys, eviction, cloning what
-escapes, fallbacks — lives in :mod:`hpuopt.runtime.cache` and is shared by all platforms.
+escapes, fallbacks — lives in :mod:`hpuopt.runtime.runner` and the modules it composes, shared
+by all platforms.
 
 Nothing outside ``hpuopt/runtime/`` touches ``torch.cuda`` graph APIs or ``habana_frameworks``.
 """
@@ -23,8 +24,11 @@ class CapturedGraph:
     """A captured device graph and the buffers it owns.
 
     ``static_inputs[i]`` is the buffer that replay reads for input ``i``; ``static_outputs`` are
-    the buffers every replay writes. ``nbytes`` counts the memory the capture holds beyond the
-    user's tensors (static input copies, outputs, the graph's private allocations when known).
+    the buffers every replay writes. ``nbytes`` counts the memory the runtime's capture holds
+    (outputs, the graph's private allocations when known); the static input copies the runner
+    made are counted by its entry (:class:`hpuopt.runtime.entry.Entry`), and ``nbytes`` is what
+    :meth:`Runtime.release` gives back. Nothing in hpuopt changes a graph after its runtime
+    returned it.
     ``executed`` says whether capturing also ran the work (HPU Graphs do, CUDA Graphs do not):
     then the outputs already hold the first call's results and the first replay is skipped, so
     in-place updates of parameters happen once.
@@ -49,9 +53,16 @@ class Runtime(Protocol):
     name: str
 
     def capture(
-        self, fn: Callable[..., Sequence[Any]], static_inputs: list[Any], warmup_runs: int
+        self,
+        fn: Callable[..., Sequence[Any]],
+        static_inputs: list[Any],
+        warmup_runs: int,
+        warmup_inputs: list[Any] | None = None,
     ) -> CapturedGraph:
-        """Warms ``fn`` up on ``static_inputs``, captures it, and returns the captured graph.
+        """Warms ``fn`` up ``warmup_runs`` times on ``warmup_inputs`` (``static_inputs`` when
+        ``None``; the runner passes clones of the inputs ``fn`` mutates, so warm-up side effects
+        do not reach them), captures it on ``static_inputs``, and returns the captured graph.
+        The graph is the caller's from then on, not changed by the runtime until ``release``.
 
         Raises :class:`hpuopt.errors.CaptureError` when ``fn`` cannot be captured.
         """

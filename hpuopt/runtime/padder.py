@@ -1,11 +1,12 @@
-"""The padded path of a piece: bucketed sizes and keys, bucket-shaped static buffers, loads.
+"""The padded path of a piece: bucketed sizes, bucket-shaped static buffers, loads, slicing.
 
-A piece whose padding plan proves some dynamic dimensions safe to pad gets a :class:`Padder`:
-the signature holds the *bucket* of each padded size instead of the size, static buffers have
-the bucket's shape, each call copies the real rows into the front of the buffer (zeroing the
-rest when the plan needs zero padding), and :func:`slice_outputs` cuts every output back to its
-real extent. New static buffers start full of NaN in the pad region, so an analysis that wrongly
-called an op safe shows up as NaN in tests rather than as a plausible number.
+A piece whose padding plan (``hpuopt.passes.buckets``) proves some dynamic dimensions safe to
+pad gets a :class:`Padder`: the signature holds the *bucket* of each padded size instead of the
+size (:class:`hpuopt.runtime.signature.BucketKeys`), static buffers have the bucket's shape, each
+call copies the real rows into the front of the buffer (zeroing the rest when the plan needs
+zero padding), and :func:`slice_outputs` cuts every output back to its real extent. New static
+buffers start full of NaN in the pad region, so an analysis that wrongly called an op safe shows
+up as NaN in tests rather than as a plausible number.
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ from typing import Any
 
 import torch
 
+from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
 from hpuopt.records import PaddingPlan, PadSource
 from hpuopt.runtime.base import copy_into
-from hpuopt.runtime.buckets import BucketPolicy
-from hpuopt.runtime.signature import key_part
+from hpuopt.runtime.bucket_policy import BucketPolicy
 
 ABOVE_LARGEST = object()
 """Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
 
 
 class Padder:
-    """The padded path of one piece: bucketed signature, static buffers, loads (see above)."""
+    """The padded path of one piece: bucketed sizes, static buffers, loads (see above)."""
+
+    @classmethod
+    def for_plan(cls, plan: PaddingPlan | None, config: Config) -> Padder | None:
+        """The padder of a piece with padding plan ``plan``; ``None`` when it pads nothing."""
+        if plan is None or not plan.padded:
+            return None
+        return cls(plan, BucketPolicy(config))
 
     def __init__(self, plan: PaddingPlan, policy: BucketPolicy) -> None:
         self.plan = plan
@@ -56,22 +64,6 @@ class Padder:
                 return None
         return out
 
-    def key(
-        self, args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]], keyed: Sequence[int]
-    ) -> tuple:
-        parts: list[Any] = []
-        for i in keyed:
-            if i in self.dims:
-                shape = list(args[i].shape)
-                for src in self.dims[i]:
-                    shape[src.dim] = sizes[src][1]
-                parts.append(("pad", tuple(shape)))
-            elif i in self.size_inputs:
-                parts.append(("size", sizes[self.size_inputs[i]][1]))
-            else:
-                parts.append(key_part(args[i]))
-        return tuple(parts)
-
     def prepare(
         self, static: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
     ) -> None:
@@ -98,26 +90,48 @@ class Padder:
         sizes: dict[PadSource, tuple[int, int]],
         copied: Sequence[int],
     ) -> None:
-        real_elems = pad_elems = 0
+        """Copies this call's ``copied`` arguments into the static ``inputs``: the real rows to
+        the front of each padded buffer (the rest zeroed when the plan needs zero padding)."""
         for i in copied:
             if i in self.dims:
                 buf = inputs[i]
                 if self.zero:
                     buf.zero_()
                 self._real(buf, i, sizes).copy_(args[i], non_blocking=True)
-                n = args[i].numel()
-                real_elems += n
-                pad_elems += buf.numel() - n
             else:
                 copy_into(inputs[i], args[i], non_blocking=True)
+
+    def count(self, inputs: Sequence[Any], args: Sequence[Any], copied: Sequence[int]) -> None:
+        """Adds one padded call's real and padded elements to the counters (pad waste)."""
+        real_elems = pad_elems = 0
+        for i in copied:
+            if i in self.dims:
+                n = args[i].numel()
+                real_elems += n
+                pad_elems += inputs[i].numel() - n
         counters.real_elements += real_elems
         counters.padded_elements += pad_elems
+
+    def describe(self) -> str:
+        """What this padder pads, for explain."""
+        dims = ", ".join(str(s) for s in self.sources)
+        zero = " with zero padding" if self.zero else ""
+        return f"pads {dims} to {self.policy.describe()}{zero}"
 
     def _real(self, buf: torch.Tensor, i: int, sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
         view = buf
         for src in self.dims[i]:
             view = view.narrow(src.dim, 0, sizes[src][0])
         return view
+
+
+def describe_padding(padder: Padder | None, plan: PaddingPlan | None) -> str:
+    """What a piece pads, or why it runs at exact shapes (``""`` when nothing was proposed)."""
+    if padder is not None:
+        return padder.describe()
+    if plan is not None and plan.reasons:
+        return "exact shapes: " + "; ".join(str(r) for r in plan.reasons[:3])
+    return ""
 
 
 def slice_outputs(plan: PaddingPlan, outputs: Sequence[Any], real_inputs: Sequence[Any],

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import hpuopt
 from hpuopt import Config
-from hpuopt.runtime.buckets import BucketPolicy
+from hpuopt.runtime.bucket_policy import BucketPolicy
 
 
 def _policy(**options):

@@ -86,6 +86,28 @@ def test_in_place_update_of_a_buffer_happens_once_per_call(standin):
             assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked)
 
 
+def _decay(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    state.mul_(0.5).add_(1.5)
+    return torch.tanh(x) * 2 + state.sum()
+
+
+def test_padded_piece_writes_its_in_place_update_once_per_call(standin):
+    """A padded piece that also updates a (not padded) copied input: the call whose capture
+    executed the work must write that update back, not reload the input over it."""
+    compiled = torch.compile(_decay, backend="hpugraph", options={"runtime": "hpu"})
+    state = torch.randn(4)
+    ref = state.clone()
+    for batch in (3, 5, 6, 7, 3):
+        x = torch.randn(batch, 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x, state), _decay(x, ref))
+        torch.testing.assert_close(state, ref)
+    (piece,) = [p for p in hpuopt.explain().pieces if p.captured]
+    assert piece.padding.startswith("pads") and len(piece.graphs) == 2  # buckets 4 and 8
+    assert standin.calls.count("capture_begin") == 2
+    assert hpuopt.counters.real_elements == 4 * (3 + 5 + 6 + 7 + 3)  # every call, first ones too
+
+
 def test_capture_failure_falls_back_with_reason(standin, dynamic_op_flags):
     def f(x):
         return x[x > 0].exp().sum() * x

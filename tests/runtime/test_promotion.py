@@ -1,4 +1,6 @@
-"""Copied inputs whose address never changes are read in place (``PieceRunner._observe``).
+"""Copied inputs whose address never changes are read in place
+(``hpuopt.runtime.address_policy``).
+
 
 The cases: an input passed at the same address every call (promoted after the watch window,
 captured once more, then read with no copy), one that moves after promotion (demoted for good,
@@ -12,7 +14,7 @@ import torch
 
 import hpuopt
 from hpuopt.diagnostics.explain import PieceReport
-from hpuopt.runtime.cache import _SAME_BEFORE_STABLE
+from hpuopt.runtime.address_policy import _SAME_BEFORE_STABLE
 
 
 def _captured() -> list[PieceReport]:

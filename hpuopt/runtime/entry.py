@@ -1,0 +1,247 @@
+"""One captured graph of a piece and its per-call work: copy in, replay, write back, hand out.
+
+Inputs
+------
+Replay reads static buffers: :func:`capture` makes a copy of every copied argument (the whole
+storage for one read through ``as_strided``) and hands stable arguments over as they are, like a
+recorded address. Each call copies the copied arguments in (:meth:`Entry.copy_in`): one
+multi-tensor copy when it can, one copy per input for broadcast buffers and whole storages.
+Inputs the piece writes to (in-place ops kept by functionalisation) are copied back from their
+static buffer after the replay (:meth:`Entry.write_back`), so the caller's tensor sees the write.
+Warm-up runs read clones of such inputs, so their side effects happen exactly once, on the real
+call.
+
+Outputs: what escapes is cloned
+-------------------------------
+Every replay writes the same output buffers. An output that only feeds later captured pieces is
+copied into their static inputs within the same call and needs no clone. An output that escapes
+— returned to AOTAutograd (so to the user, or saved for backward), or handed to a dynamic piece
+— is cloned unless ``clone_outputs=False`` (:meth:`Entry.hand_out`), so nothing the user holds
+changes under them on a later call. Without clones the outputs are *lent*: the next replay marks
+those still referenced as stale (:meth:`Entry.retire_lent`). An output that is a view of an input
+is regenerated as that view of the caller's tensor (:meth:`Entry.exact_outputs`), as in eager.
+
+Memory
+------
+An entry's :attr:`~Entry.nbytes` is the runtime's count for the graph plus the static copies
+made here, fixed when the entry is made; the graph cache sums it. The runtime's
+:class:`CapturedGraph` is never changed after the runtime returns it.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+
+from hpuopt.diagnostics.counters import counters
+from hpuopt.runtime.base import (
+    CapturedGraph,
+    Runtime,
+    copy_into,
+    eager_forward,
+    empty_like_exact,
+    tensor_nbytes,
+)
+from hpuopt.runtime.signature import ArgPlan
+
+if TYPE_CHECKING:
+    from hpuopt.runtime.signature import KeyStrategy
+
+
+class Entry:
+    """One captured graph with its per-call load/unload work precomputed."""
+
+    __slots__ = (
+        "aliases", "capture_seconds", "copy_targets", "escaping", "escaping_copies", "fresh",
+        "graph", "inputs", "lent", "nbytes", "outputs", "plain_copies", "plan", "ptrs",
+    )
+
+    def __init__(
+        self,
+        graph: CapturedGraph,
+        plan: ArgPlan,
+        escaping: Sequence[bool],
+        nbytes: int = 0,
+        capture_seconds: float = 0.0,
+    ) -> None:
+        self.fresh = True  # not yet used: an executed capture already holds this call's result
+        self.lent: list[weakref.ref] = []  # alias mode: outputs handed out uncloned
+        self.graph = graph
+        self.nbytes = nbytes
+        self.capture_seconds = capture_seconds
+        self.inputs = graph.static_inputs
+        self.outputs = graph.static_outputs
+        self.plan = plan
+        self.ptrs = [graph.static_inputs[i].data_ptr() for i in plan.stable]
+        self.copy_targets = [graph.static_inputs[i] for i in plan.copied]
+        # broadcast buffers, whole-storage copies or a single input take the slow path
+        self.plain_copies = len(plan.copied) > 1 and not plan.full_storage and not any(
+            0 in t.stride() for t in self.copy_targets
+        )
+        self.aliases = graph.aliases
+        self.escaping = [
+            i for i, (e, o) in enumerate(zip(escaping, self.outputs))
+            if e and isinstance(o, torch.Tensor)
+        ]
+        alias_outputs = {a.output for a in graph.aliases}
+        # escaping outputs that are not regenerated input views: these get cloned or lent
+        self.escaping_copies = [i for i in self.escaping if i not in alias_outputs]
+
+    def same_addresses(self, args: Sequence[Any]) -> bool:
+        """Whether every stable argument is where it was at capture."""
+        return [args[i].data_ptr() for i in self.plan.stable] == self.ptrs
+
+    def moved(self, args: Sequence[Any]) -> list[int]:
+        """The stable arguments whose address changed since capture."""
+        stable = self.plan.stable
+        return [i for slot, i in enumerate(stable) if args[i].data_ptr() != self.ptrs[slot]]
+
+    def copy_in(self, args: Sequence[Any]) -> None:
+        """Copies this call's copied arguments into the static buffers."""
+        if self.plain_copies:  # one multi-tensor copy instead of a launch per input
+            copied = self.plan.copied
+            torch._foreach_copy_(self.copy_targets, [args[i] for i in copied], non_blocking=True)
+        elif self.copy_targets:
+            full = self.plan.full_storage
+            for i in self.plan.copied:
+                if i in full:
+                    _flat_storage(self.inputs[i]).copy_(_flat_storage(args[i]), non_blocking=True)
+                else:
+                    copy_into(self.inputs[i], args[i], non_blocking=True)
+
+    def retire_lent(self, piece: str) -> int:
+        """Alias mode, just before a replay overwrites the outputs: every output handed out
+        earlier that is still referenced becomes stale (see :func:`_mark_stale`); returns how
+        many were."""
+        stale = 0
+        for ref in self.lent:
+            t = ref()
+            if t is not None:
+                stale += 1
+                _mark_stale(t, piece)
+        self.lent.clear()
+        counters.stale_outputs += stale
+        return stale
+
+    def replay(self) -> None:
+        """Replays the graph; raises what the replay raised."""
+        self.graph.replay()
+
+    def write_back(self, args: Sequence[Any]) -> None:
+        """Copies the mutated static buffers back into the caller's tensors."""
+        back = self.plan.mutated_copied
+        if len(back) > 1:
+            inputs = self.inputs
+            torch._foreach_copy_([args[i] for i in back], [inputs[i] for i in back])
+        elif back:
+            args[back[0]].copy_(self.inputs[back[0]])
+
+    def exact_outputs(self, args: Sequence[Any]) -> tuple[list[Any], Sequence[int]]:
+        """The outputs, input views regenerated over the caller's tensors, and the indices of
+        those to clone or lend. The list may be the graph's own: :meth:`hand_out` copies it."""
+        if not self.aliases:
+            return self.outputs, self.escaping
+        outs = list(self.outputs)
+        for alias in self.aliases:  # views of inputs: views of the caller's tensors
+            outs[alias.output] = alias.regenerate(args)
+        return outs, self.escaping_copies
+
+    def hand_out(self, outs: list[Any], escaping: Sequence[int], clone: bool) -> list[Any]:
+        """``outs`` with the ``escaping`` ones cloned, or lent (``clone`` False)."""
+        if not escaping:
+            return outs
+        if outs is self.outputs:  # never write into the graph's own output list
+            outs = list(outs)
+        if clone:
+            for i in escaping:
+                outs[i] = outs[i].clone()
+        else:
+            for i in escaping:
+                outs[i] = _lend(outs[i])
+                self.lent.append(weakref.ref(outs[i]))
+        return outs
+
+
+def capture(
+    runtime: Runtime,
+    fn: Callable[..., list[Any]],
+    plan: ArgPlan,
+    args: Sequence[Any],
+    keys: KeyStrategy,
+    warmup_runs: int,
+    escaping: Sequence[bool],
+) -> Entry:
+    """Captures ``fn`` on static buffers made from ``args`` as ``plan`` and ``keys`` say.
+
+    Raises what the runtime raises (:class:`hpuopt.errors.CaptureError`, out of memory).
+    """
+    static: list[Any] = list(args)
+    for i in plan.copied:
+        static[i] = _static_copy(args[i], i in plan.full_storage)
+    keys.prepare(static, args)
+    for i in plan.stable:
+        static[i] = args[i].detach()  # the storage as of now, like a recorded address
+    warm = list(static)
+    for i in plan.mutated:
+        warm[i] = static[i].clone()
+    start = time.perf_counter()
+    graph = runtime.capture(fn, static, warmup_runs, warmup_inputs=warm)
+    seconds = time.perf_counter() - start
+    counters.graphs_captured += 1
+    counters.capture_seconds += seconds
+    nbytes = graph.nbytes + tensor_nbytes([static[i] for i in plan.copied])
+    return Entry(graph, plan, escaping, nbytes, seconds)
+
+
+def flat_forward(gm: torch.fx.GraphModule, single_output: bool) -> Callable[..., list[Any]]:
+    """``gm``'s forward returning a list of outputs, as a runtime captures it."""
+    forward = eager_forward(gm)
+    if single_output:
+        return lambda *a: [forward(*a)]
+    return lambda *a: list(forward(*a))
+
+
+def _lend(buf: torch.Tensor) -> torch.Tensor:
+    """A tensor over ``buf``'s memory with a storage of its own (alias mode's output).
+
+    A separate storage lets a stale output be marked without touching the graph's buffer; the
+    buffer is kept alive by the lent tensor, so evicting the graph cannot leave it dangling.
+    """
+    storage = buf.untyped_storage()
+    own = torch._C._construct_storage_from_data_pointer(
+        storage.data_ptr(), buf.device, storage.nbytes()
+    )
+    out = torch.empty(0, dtype=buf.dtype, device=buf.device)
+    out.set_(own, buf.storage_offset(), buf.shape, buf.stride())
+    out._hpuopt_buffer = buf  # type: ignore[attr-defined]
+    return out
+
+
+def _mark_stale(t: torch.Tensor, piece: str) -> None:
+    """Makes a later read of ``t`` raise, where this torch build can (CUDA builds)."""
+    set_error = getattr(torch._C, "_set_storage_access_error_msg", None)
+    if set_error is not None:
+        set_error(
+            t,
+            f"hpuopt: this output of {piece} was overwritten by a later call "
+            "(clone_outputs=False); clone outputs you keep across calls",
+        )
+
+
+def _static_copy(t: torch.Tensor, full_storage: bool = False) -> torch.Tensor:
+    if full_storage:  # the whole storage, viewed like ``t``
+        base = _flat_storage(t).clone()
+        return base.as_strided(t.shape, t.stride(), t.storage_offset())
+    buf = empty_like_exact(t)
+    copy_into(buf, t)
+    return buf
+
+
+def _flat_storage(t: torch.Tensor) -> torch.Tensor:
+    """All of ``t``'s storage as a 1-D tensor of its dtype."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())

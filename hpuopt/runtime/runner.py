@@ -1,0 +1,236 @@
+"""The piece runner: stands in for one static piece of a split graph; looks up, captures, replays.
+
+Why a cache
+-----------
+A device graph replays fixed work on fixed buffers: every shape, stride and Python scalar it was
+captured with is baked in. A static piece of a Dynamo graph, however, is called with whatever
+its symbolic inputs happen to be on that call. So each piece keeps a small map from an input
+*signature* to a captured graph, and a :class:`PieceRunner` composes the parts that do it:
+
+* :mod:`~hpuopt.runtime.signature` — which arguments are copied, read in place or keyed, and the
+  per-call key strategy: exact shapes, or buckets through the piece's
+  :mod:`~hpuopt.runtime.padder`;
+* :mod:`~hpuopt.runtime.address_policy` — which copied inputs to read in place because they
+  never move, and which stable ones to copy because they keep moving;
+* :mod:`~hpuopt.runtime.graph_cache` — the LRU map, its limits and its memory;
+* :mod:`~hpuopt.runtime.entry` — one captured graph and its per-call work: copy in, replay,
+  write back, clone or lend what escapes.
+
+One call: pick the key strategy, look the key up (capture on a miss, capture again when a stable
+input moved), copy the inputs in, replay, write mutated inputs back, hand the outputs out.
+
+Failure
+-------
+A capture that fails (an op a device graph rejects, out of memory) or a replay that raises marks
+that signature as :class:`~hpuopt.runtime.graph_cache.Uncaptured`: the piece runs as is for it,
+the reason is recorded and warned once, and the call still returns the right answer. ``strict``
+turns it into a :class:`FallbackError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from hpuopt.config import Config
+from hpuopt.diagnostics.counters import counters
+from hpuopt.errors import CaptureError, FallbackError
+from hpuopt.fx_utils import output_node
+from hpuopt.records import PaddingPlan
+from hpuopt.runtime.address_policy import AddressPolicy, Split, addresses
+from hpuopt.runtime.base import Runtime
+from hpuopt.runtime.entry import Entry, capture, flat_forward
+from hpuopt.runtime.graph_cache import GraphCache, Held, Uncaptured
+from hpuopt.runtime.padder import Padder, describe_padding
+from hpuopt.runtime.signature import KeyStrategy, arg_plan, call_keys
+
+log = logging.getLogger(__name__)
+
+_CAPTURE_OFF = Uncaptured("capture is disabled (capture=False)")
+
+
+class PieceRunner:
+    """Stands in for a static piece of a split graph: looks up, captures, replays.
+
+    ``escaping[i]`` says whether output ``i`` leaves captured code in the same call (see
+    :mod:`hpuopt.runtime.entry`); ``stable[i]`` whether argument ``i`` is a parameter or buffer.
+    """
+
+    def __init__(self, name: str, gm: torch.fx.GraphModule, runtime: Runtime, config: Config,
+                 stable: Sequence[bool], escaping: Sequence[bool],
+                 padding: PaddingPlan | None = None) -> None:
+        self.name = name
+        self.gm = gm
+        self.runtime = runtime
+        self.config = config
+        self.plan = arg_plan(gm, stable)
+        self.escaping = list(escaping)
+        self.single_output = not isinstance(output_node(gm).args[0], (tuple, list))
+        self._padding_plan = padding
+        self.padder = Padder.for_plan(padding, config)
+        self.cache = GraphCache(runtime.release, config.max_graphs, config.max_graph_bytes)
+        self.replays = 0
+        self._addresses = AddressPolicy()
+        self._adopted = False  # the first miss refines the plan with real arguments
+        self._warned_stale = False
+
+    # what explain reads
+    entries = property(lambda self: self.cache.entries)
+    fallback_reasons = property(lambda self: self.cache.fallback_reasons)
+    hits = property(lambda self: self.cache.hits)
+    misses = property(lambda self: self.cache.misses)
+    evictions = property(lambda self: self.cache.evictions)
+
+    def __call__(self, *args: Any) -> Any:
+        if self._addresses.watching:
+            self._observe(args)
+        keys = call_keys(self.padder, args)
+        if keys is None:  # a size above the largest bucket, configured to run uncaptured
+            self.cache.fallback_reasons.setdefault(("above",), "size above the largest bucket")
+            return self._run_uncaptured(args)
+        key = keys.key(self.plan, args)
+        entry = self.cache.get(key)
+        if entry is None:
+            key, entry = self._miss(key, args, keys)
+        if isinstance(entry, Uncaptured):
+            return self._run_uncaptured(args)
+        if not entry.same_addresses(args):
+            entry = self._recapture(key, args, entry, keys)
+        if entry.fresh:
+            entry.fresh = False
+            if entry.graph.executed:  # the capture ran this call's work already
+                return self._finish(entry, args, keys)
+        keys.load(entry, args)
+        if entry.lent:  # alias mode: what earlier calls were lent is overwritten now
+            self._retire_lent(entry)
+        try:
+            entry.replay()
+        except Exception as exc:  # noqa: BLE001 - recorded as a fallback; strict raises
+            return self._replay_failed(key, args, exc)
+        self.replays += 1
+        counters.replays += 1
+        return self._finish(entry, args, keys)
+
+    def _retire_lent(self, entry: Entry) -> None:
+        if entry.retire_lent(self.name) and not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(f"hpuopt: {self.name} overwrites an output of an earlier call that is "
+                          "still referenced (clone_outputs=False); clone it to keep it", stacklevel=2)
+
+    def _finish(self, entry: Entry, args: Sequence[Any], keys: KeyStrategy) -> Any:
+        """Writes mutated inputs back to the caller's tensors and hands out the outputs."""
+        entry.write_back(args)
+        outs, escaping = keys.outputs(entry, args)
+        outs = entry.hand_out(outs, escaping, self.config.clone_outputs)
+        return outs[0] if self.single_output else tuple(outs)
+
+    def _run_uncaptured(self, args: Sequence[Any]) -> Any:
+        counters.uncaptured_runs += 1
+        return self.gm(*args)
+
+    # -- misses, moves, failures ------------------------------------------------------------
+
+    def _miss(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> tuple[tuple, Held]:
+        """Warms up and captures this signature (the key changes when the first call refines
+        the plan); returns the key and the entry now held for it."""
+        if not self._adopted:
+            self._adopted = True
+            plan, self.plan = self.plan, self.plan.adopt(args)
+            if self.plan.keyed != plan.keyed:  # the key holds new arguments now
+                key = keys.key(self.plan, args)
+        entry = self._capture(key, args, keys)
+        self.cache.put(key, entry)
+        return key, entry
+
+    def _recapture(self, key: tuple, args: Sequence[Any], stale: Entry, keys: KeyStrategy) -> Entry:
+        moved = stale.moved(args)
+        log.info("%s: arguments %s changed address; capturing again", self.name, moved)
+        counters.recaptures += 1
+        self.cache.drop(key)
+        split = self._addresses.moved(self.plan, moved)
+        if split is not None:  # the key is unchanged: only keyed arguments are in it
+            log.info(
+                "%s: arguments %s keep moving; copying them each call", self.name, split.changed
+            )
+            self._replan(split)
+        entry = self._capture(key, args, keys)
+        self.cache.put(key, entry)
+        if isinstance(entry, Uncaptured):  # pragma: no cover - a capture that worked once fails
+            raise FallbackError(self.name, entry.reason)
+        return entry
+
+    def _capture(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> Held:
+        if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
+            return _CAPTURE_OFF
+        if self.plan.unsupported:
+            return self._fallback(key, self.plan.unsupported)
+        fn = flat_forward(self.gm, self.single_output)
+        try:
+            entry = capture(
+                self.runtime, fn, self.plan, args, keys, self.config.warmup_runs, self.escaping
+            )
+        except CaptureError as exc:
+            return self._fallback(key, str(exc))
+        except torch.OutOfMemoryError as exc:
+            return self._fallback(key, f"out of memory during capture: {exc}")
+        log.debug("%s: captured key %s in %.3fs", self.name, key, entry.capture_seconds)
+        return entry
+
+    def _replay_failed(self, key: tuple, args: Sequence[Any], exc: Exception) -> Any:
+        """A replay raised: drop that graph, mark the signature uncaptured, and answer this call
+        by running the piece as is (its inputs are the caller's, untouched by the replay)."""
+        self.cache.drop(key)
+        reason = f"replay failed: {type(exc).__name__}: {exc}"
+        if self.config.strict:
+            raise FallbackError(self.name, reason) from exc
+        self.cache.put(key, self._fallback(key, reason))
+        return self._run_uncaptured(args)
+
+    def _fallback(self, key: tuple, reason: str) -> Uncaptured:
+        if self.config.strict:
+            raise FallbackError(self.name, reason)
+        counters.fallbacks += 1
+        reasons = self.cache.fallback_reasons
+        reasons[key] = reason
+        if len(reasons) == 1:
+            warnings.warn(f"hpuopt: {self.name} runs uncaptured: {reason}", stacklevel=3)
+        log.info("%s: signature %s runs uncaptured: %s", self.name, key, reason)
+        return Uncaptured(reason)
+
+    # -- promotion and demotion -------------------------------------------------------------
+
+    def _observe(self, args: Sequence[Any]) -> None:
+        """Reports this call's addresses to the address policy; applies a promotion."""
+        seen = addresses(args, self._addresses.watched(self.plan), self.runtime.name)
+        split = self._addresses.observe(self.plan, seen, self.cache.all_captured())
+        if split is not None:
+            log.info("%s: arguments %s kept their address; reading them in place", self.name,
+                     split.changed)
+            counters.promotions += 1
+            self._replan(split)
+
+    def _replan(self, split: Split) -> None:
+        """Applies a new split; every graph baked in the old one, so all are dropped."""
+        self.plan = self.plan.with_split(split.stable, split.copied)
+        self.clear()
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Drops every captured graph of this piece (they are captured again on demand)."""
+        self.cache.clear()
+
+    def padding_summary(self) -> str:
+        """What this piece pads, or why it runs at exact shapes (for explain)."""
+        return describe_padding(self.padder, self._padding_plan)
+
+    def held_bytes(self) -> int:
+        return self.cache.held_bytes()
+
+    def describe_keys(self) -> list[str]:
+        return self.cache.describe_keys()
