@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -58,11 +58,16 @@ class Runtime(Protocol):
         static_inputs: list[Any],
         warmup_runs: int,
         warmup_inputs: list[Any] | None = None,
+        pool: Hashable = None,
     ) -> CapturedGraph:
         """Warms ``fn`` up ``warmup_runs`` times on ``warmup_inputs`` (``static_inputs`` when
         ``None``; the runner passes clones of the inputs ``fn`` mutates, so warm-up side effects
         do not reach them), captures it on ``static_inputs``, and returns the captured graph.
         The graph is the caller's from then on, not changed by the runtime until ``release``.
+
+        ``pool`` names the memory pool the graph may share with other graphs captured under
+        the same name (a runtime without pools ignores it). The caller promises that no two
+        graphs of one pool replay while the outputs of the other are still needed.
 
         Raises :class:`hpuopt.errors.CaptureError` when ``fn`` cannot be captured.
         """

@@ -80,6 +80,7 @@ class CpuRuntime:
         static_inputs: list[Any],
         warmup_runs: int = 0,
         warmup_inputs: list[Any] | None = None,
+        pool: Any = None,  # no memory pools here
     ) -> CapturedGraph:
         probe_inputs = static_inputs if warmup_inputs is None else warmup_inputs
         start = time.perf_counter()

@@ -21,7 +21,7 @@ runner copies CPU tensor inputs into device buffers; this module owns the device
   private pool in capture mode, so later captures start a fresh pool.
 * **Pools by rule.** Graphs that share a pool must not have live outputs in memory another graph
   of the pool uses as scratch while that other graph replays. Each caller names its pool
-  (``pool_key``): the runner of a piece uses one pool for all of its buckets, and at most one of
+  (``pool``): the runner of a piece uses one pool for all of its buckets, and at most one of
   a piece's graphs replays per call, so a piece's outputs consumed later in the call (by a
   non-adjacent piece) cannot be overwritten by another graph's replay. Outputs lent to the user
   (``clone_outputs=False``) are marked stale when any graph of their pool replays.
@@ -93,10 +93,10 @@ class CudaRuntime(SharedRuntime):
         static_inputs: list[Any],
         warmup_runs: int = 1,
         warmup_inputs: list[Any] | None = None,
-        pool_key: Hashable = None,
+        pool: Hashable = None,
     ) -> CapturedGraph:
         device = capture_device(static_inputs)
-        key = (device.index, pool_key)
+        key = (device.index, pool)
         with CAPTURE_LOCK, torch.cuda.device(device):
             stream = self._stream(device)
             _warm_up(fn, static_inputs if warmup_inputs is None else warmup_inputs,

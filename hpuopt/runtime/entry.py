@@ -17,8 +17,9 @@ Every replay writes the same output buffers. An output that only feeds later cap
 copied into their static inputs within the same call and needs no clone. An output that escapes
 — returned to AOTAutograd (so to the user, or saved for backward), or handed to a dynamic piece
 — is cloned unless ``clone_outputs=False`` (:meth:`Entry.hand_out`), so nothing the user holds
-changes under them on a later call. Without clones the outputs are *lent*: the next replay marks
-those still referenced as stale (:meth:`Entry.retire_lent`). An output that is a view of an input
+changes under them on a later call. Without clones the outputs are *lent*: the next replay of
+any graph of the piece (they share a memory pool, so one graph's scratch can be another's
+output) marks those still referenced as stale (:func:`retire_lent`). An output that is a view of an input
 is regenerated as that view of the caller's tensor (:meth:`Entry.exact_outputs`), as in eager.
 
 Memory
@@ -30,6 +31,7 @@ made here, fixed when the entry is made; the graph cache sums it. The runtime's
 
 from __future__ import annotations
 
+import operator
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -57,8 +59,9 @@ class Entry:
     """One captured graph with its per-call load/unload work precomputed."""
 
     __slots__ = (
-        "aliases", "capture_seconds", "copy_targets", "escaping", "escaping_copies", "fresh",
-        "graph", "inputs", "lent", "nbytes", "outputs", "plain_copies", "plan", "ptrs",
+        "aliases", "all_ptrs", "capture_seconds", "copy_targets", "escaping", "escaping_copies",
+        "fresh", "stable_args",
+        "graph", "inputs", "nbytes", "outputs", "plain_copies", "plan", "ptrs",
     )
 
     def __init__(
@@ -70,7 +73,6 @@ class Entry:
         capture_seconds: float = 0.0,
     ) -> None:
         self.fresh = True  # not yet used: an executed capture already holds this call's result
-        self.lent: list[weakref.ref] = []  # alias mode: outputs handed out uncloned
         self.graph = graph
         self.nbytes = nbytes
         self.capture_seconds = capture_seconds
@@ -78,10 +80,15 @@ class Entry:
         self.outputs = graph.static_outputs
         self.plan = plan
         self.ptrs = [graph.static_inputs[i].data_ptr() for i in plan.stable]
+        # the per-call address check, in C++ where the build has it (see same_addresses)
+        self.all_ptrs: list[int | None] = [None] * len(graph.static_inputs)
+        for i, ptr in zip(plan.stable, self.ptrs):
+            self.all_ptrs[i] = ptr
+        self.stable_args = _getter(plan.stable)
         self.copy_targets = [graph.static_inputs[i] for i in plan.copied]
         # broadcast buffers, whole-storage copies or a single input take the slow path
-        self.plain_copies = len(plan.copied) > 1 and not plan.full_storage and not any(
-            0 in t.stride() for t in self.copy_targets
+        self.plain_copies = len(plan.copied) > 1 and not plan.full_storage and not plan.host and (
+            not any(0 in t.stride() for t in self.copy_targets)
         )
         self.aliases = graph.aliases
         self.escaping = [
@@ -93,8 +100,17 @@ class Entry:
         self.escaping_copies = [i for i in self.escaping if i not in alias_outputs]
 
     def same_addresses(self, args: Sequence[Any]) -> bool:
-        """Whether every stable argument is where it was at capture."""
-        return [args[i].data_ptr() for i in self.plan.stable] == self.ptrs
+        """Whether every stable argument is where it was at capture.
+
+        Every call pays this, for every parameter: a Python loop over hundreds of tensors costs
+        more than a whole graph replay. Builds with CUDA have the C++ comparison CUDA-graph trees
+        use; elsewhere one ``map`` over the stable arguments does it."""
+        stable = self.plan.stable
+        if not stable:
+            return True
+        if _PTRS_EQUAL is not None:
+            return _PTRS_EQUAL(list(args), self.all_ptrs, list(stable))
+        return list(map(_data_ptr, self.stable_args(args))) == self.ptrs
 
     def moved(self, args: Sequence[Any]) -> list[int]:
         """The stable arguments whose address changed since capture."""
@@ -113,20 +129,6 @@ class Entry:
                     _flat_storage(self.inputs[i]).copy_(_flat_storage(args[i]), non_blocking=True)
                 else:
                     copy_into(self.inputs[i], args[i], non_blocking=True)
-
-    def retire_lent(self, piece: str) -> int:
-        """Alias mode, just before a replay overwrites the outputs: every output handed out
-        earlier that is still referenced becomes stale (see :func:`_mark_stale`); returns how
-        many were."""
-        stale = 0
-        for ref in self.lent:
-            t = ref()
-            if t is not None:
-                stale += 1
-                _mark_stale(t, piece)
-        self.lent.clear()
-        counters.stale_outputs += stale
-        return stale
 
     def replay(self) -> None:
         """Replays the graph; raises what the replay raised."""
@@ -151,8 +153,10 @@ class Entry:
             outs[alias.output] = alias.regenerate(args)
         return outs, self.escaping_copies
 
-    def hand_out(self, outs: list[Any], escaping: Sequence[int], clone: bool) -> list[Any]:
-        """``outs`` with the ``escaping`` ones cloned, or lent (``clone`` False)."""
+    def hand_out(self, outs: list[Any], escaping: Sequence[int], clone: bool,
+                 lent: list[weakref.ref]) -> list[Any]:
+        """``outs`` with the ``escaping`` ones cloned, or lent (``clone`` False: a weak
+        reference to each goes into ``lent``)."""
         if not escaping:
             return outs
         if outs is self.outputs:  # never write into the graph's own output list
@@ -163,8 +167,38 @@ class Entry:
         else:
             for i in escaping:
                 outs[i] = _lend(outs[i])
-                self.lent.append(weakref.ref(outs[i]))
+                lent.append(weakref.ref(outs[i]))
         return outs
+
+
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+"""``(tensors, data_ptrs, indices) -> bool``: ``tensors[i].data_ptr() == data_ptrs[i]`` for every
+``i`` in ``indices``, in C++ (``torch/csrc/cuda/Module.cpp``; CUDA builds only)."""
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _getter(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """``args -> the args at indices``, as a tuple (``operator.itemgetter`` returns a bare value
+    for one index)."""
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda args: (args[only],)
+    return operator.itemgetter(*indices) if indices else (lambda args: ())
+
+
+def retire_lent(lent: list[weakref.ref], piece: str) -> int:
+    """Alias mode, just before a replay may overwrite lent outputs: every one still referenced
+    becomes stale (see :func:`_mark_stale`); returns how many were. Empties ``lent``."""
+    stale = 0
+    for ref in lent:
+        t = ref()
+        if t is not None:
+            stale += 1
+            _mark_stale(t, piece)
+    lent.clear()
+    counters.stale_outputs += stale
+    return stale
 
 
 def capture(
@@ -175,6 +209,7 @@ def capture(
     keys: KeyStrategy,
     warmup_runs: int,
     escaping: Sequence[bool],
+    pool: Any = None,
 ) -> Entry:
     """Captures ``fn`` on static buffers made from ``args`` as ``plan`` and ``keys`` say.
 
@@ -183,6 +218,8 @@ def capture(
     static: list[Any] = list(args)
     for i in plan.copied:
         static[i] = _static_copy(args[i], i in plan.full_storage)
+    for i in plan.host:  # read on the device, from a buffer refreshed every call
+        static[i] = static[i].to(plan.device)
     keys.prepare(static, args)
     for i in plan.stable:
         static[i] = args[i].detach()  # the storage as of now, like a recorded address
@@ -190,7 +227,7 @@ def capture(
     for i in plan.mutated:
         warm[i] = static[i].clone()
     start = time.perf_counter()
-    graph = runtime.capture(fn, static, warmup_runs, warmup_inputs=warm)
+    graph = runtime.capture(fn, static, warmup_runs, warmup_inputs=warm, pool=pool)
     seconds = time.perf_counter() - start
     counters.graphs_captured += 1
     counters.capture_seconds += seconds

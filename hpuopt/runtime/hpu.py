@@ -60,6 +60,7 @@ class HpuRuntime(SharedRuntime):
         static_inputs: list[Any],
         warmup_runs: int = 1,
         warmup_inputs: list[Any] | None = None,
+        pool: Any = None,  # no memory pools here
     ) -> CapturedGraph:
         hpu = self.ht.hpu
         warm = static_inputs if warmup_inputs is None else warmup_inputs

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ from hpuopt.fx_utils import output_node
 from hpuopt.records import PaddingPlan
 from hpuopt.runtime.address_policy import AddressPolicy, Split, addresses
 from hpuopt.runtime.base import Runtime
-from hpuopt.runtime.entry import Entry, capture, flat_forward
+from hpuopt.runtime.entry import Entry, capture, flat_forward, retire_lent
 from hpuopt.runtime.graph_cache import GraphCache, Held, Uncaptured
 from hpuopt.runtime.padder import Padder, describe_padding
 from hpuopt.runtime.signature import KeyStrategy, arg_plan, call_keys
@@ -78,6 +79,10 @@ class PieceRunner:
         self._addresses = AddressPolicy()
         self._adopted = False  # the first miss refines the plan with real arguments
         self._warned_stale = False
+        self._lent: list[weakref.ref] = []  # alias mode: outputs handed out uncloned
+        # the memory pool of this piece's graphs, shared by its buckets and nobody else's:
+        # one replay per call, so no other graph of the pool runs while its outputs are live
+        self._pool = object()
 
     # what explain reads
     entries = property(lambda self: self.cache.entries)
@@ -106,8 +111,8 @@ class PieceRunner:
             if entry.graph.executed:  # the capture ran this call's work already
                 return self._finish(entry, args, keys)
         keys.load(entry, args)
-        if entry.lent:  # alias mode: what earlier calls were lent is overwritten now
-            self._retire_lent(entry)
+        if self._lent:  # alias mode: what earlier calls were lent may be overwritten now
+            self._retire_lent()
         try:
             entry.replay()
         except Exception as exc:  # noqa: BLE001 - recorded as a fallback; strict raises
@@ -116,8 +121,8 @@ class PieceRunner:
         counters.replays += 1
         return self._finish(entry, args, keys)
 
-    def _retire_lent(self, entry: Entry) -> None:
-        if entry.retire_lent(self.name) and not self._warned_stale:
+    def _retire_lent(self) -> None:
+        if retire_lent(self._lent, self.name) and not self._warned_stale:
             self._warned_stale = True
             warnings.warn(f"hpuopt: {self.name} overwrites an output of an earlier call that is "
                           "still referenced (clone_outputs=False); clone it to keep it", stacklevel=2)
@@ -126,7 +131,7 @@ class PieceRunner:
         """Writes mutated inputs back to the caller's tensors and hands out the outputs."""
         entry.write_back(args)
         outs, escaping = keys.outputs(entry, args)
-        outs = entry.hand_out(outs, escaping, self.config.clone_outputs)
+        outs = entry.hand_out(outs, escaping, self.config.clone_outputs, self._lent)
         return outs[0] if self.single_output else tuple(outs)
 
     def _run_uncaptured(self, args: Sequence[Any]) -> Any:
@@ -171,9 +176,8 @@ class PieceRunner:
             return self._fallback(key, self.plan.unsupported)
         fn = flat_forward(self.gm, self.single_output)
         try:
-            entry = capture(
-                self.runtime, fn, self.plan, args, keys, self.config.warmup_runs, self.escaping
-            )
+            entry = capture(self.runtime, fn, self.plan, args, keys, self.config.warmup_runs,
+                            self.escaping, pool=self._pool)
         except CaptureError as exc:
             return self._fallback(key, str(exc))
         except torch.OutOfMemoryError as exc:

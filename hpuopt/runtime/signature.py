@@ -39,7 +39,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from hpuopt.fx_utils import mutated_inputs, placeholders, returns_view
+from hpuopt.fx_utils import graph_device, mutated_inputs, placeholders, returns_view
 from hpuopt.records import PadSource
 from hpuopt.runtime.padder import ABOVE_LARGEST, Padder, slice_outputs
 
@@ -68,6 +68,13 @@ class ArgPlan:
     full_storage: tuple[int, ...] = ()
     """Arguments the piece reads through ``as_strided`` (possibly beyond the view's own
     elements): their whole storage is copied, and its size is part of the key."""
+    host: tuple[int, ...] = ()
+    """CPU tensor arguments of a piece that runs on an accelerator. A device kernel reads a CPU
+    operand by value at launch, so a graph reading one in place would replay its capture-time
+    value forever: these are always copied, into buffers on :attr:`device`, and never read in
+    place."""
+    device: str | None = None
+    """The accelerator the piece runs on, from its metadata (``None`` for a CPU piece)."""
 
     def adopt(self, args: Sequence[Any]) -> ArgPlan:
         """This plan refined with the first call's arguments (``self`` when nothing changes).
@@ -78,7 +85,10 @@ class ArgPlan:
         checked per call like any stable input). Arguments the metadata calls tensors that
         arrive as something else (AOTAutograd's effect tokens arrive as ``None``) join the key.
         """
-        params = {i for i in self.copied if isinstance(args[i], torch.nn.Parameter)}
+        params = {
+            i for i in self.copied
+            if isinstance(args[i], torch.nn.Parameter) and i not in self.host
+        }
         not_tensors = {i for i in self.tensor if not isinstance(args[i], torch.Tensor)}
         if not (params or not_tensors):
             return self
@@ -97,9 +107,11 @@ class ArgPlan:
     def with_split(self, stable: Collection[int], copied: Collection[int]) -> ArgPlan:
         """This plan reading ``stable`` in place and copying ``copied`` (their union must be
         the tensor arguments the plan has now); the mutated copies follow."""
+        host = set(self.host)
+        copied = set(copied) | (host & set(stable))
         return dataclasses.replace(
             self,
-            stable=tuple(sorted(stable)),
+            stable=tuple(sorted(set(stable) - host)),
             copied=tuple(sorted(copied)),
             mutated_copied=tuple(i for i in self.mutated if i in copied),
         )
@@ -109,13 +121,17 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
     """The plan of ``gm``'s arguments from its placeholders' metadata; ``stable[i]`` says
     whether argument ``i`` is a parameter or buffer (read in place)."""
     mutated = mutated_inputs(gm)
-    tensor, copied, stable_idx, keyed = [], [], [], []
+    device = graph_device(gm)
+    tensor, copied, stable_idx, keyed, host = [], [], [], [], []
     unsupported = None
     for i, node in enumerate(placeholders(gm)):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
             tensor.append(i)
-            (stable_idx if stable[i] else copied).append(i)
+            on_host = device is not None and val.device.type == "cpu"
+            if on_host:
+                host.append(i)
+            (stable_idx if stable[i] and not on_host else copied).append(i)
             if _symbolic_tensor(val):
                 keyed.append(i)
         elif isinstance(val, (list, tuple, dict)):
@@ -133,6 +149,8 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
         mutated=tuple(sorted(mutated)),
         mutated_copied=tuple(sorted(mutated & set(copied))),
         unsupported=unsupported,
+        host=tuple(host),
+        device=str(device) if device is not None else None,
     )
 
 
