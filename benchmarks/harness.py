@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import operator
 import os
 import platform
@@ -56,7 +57,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,10 @@ RESULTS_DIR = BENCH_DIR / "results"
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))  # hpuopt from this checkout, installed or not
 
-import hpuopt  # noqa: E402
-from hpuopt.config import Config  # noqa: E402
-from hpuopt.diagnostics.explain import Session, default_session, explain  # noqa: E402
-from hpuopt.runtime import select_runtime  # noqa: E402
+import hpuopt
+from hpuopt.config import Config
+from hpuopt.diagnostics.explain import Session, default_session, explain
+from hpuopt.runtime import select_runtime
 
 NAN = float("nan")
 
@@ -241,7 +242,7 @@ def _set_up(row: Row, warmup: int, first_call: bool, device: str,
                 row.fn()
             sync(device)
             row.warmup_s, row.warmup_calls = (time.perf_counter_ns() - start) / 1e9, warmup
-        except Exception as exc:  # a lazily built row that fails is a result; others still run
+        except Exception as exc:  # a row that fails to build is a result; others still run
             if row.build is None:
                 raise
             row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -319,7 +320,7 @@ def format_table(timings: Mapping[str, Timing], baseline: str, title: str = "", 
 
 
 def fmt_s(seconds: float) -> str:
-    if seconds != seconds:
+    if math.isnan(seconds):
         return "-"
     if abs(seconds) >= 1:
         return f"{seconds:.2f}s"
@@ -454,7 +455,7 @@ def git_state() -> dict[str, Any]:
     """The checkout's HEAD and its modified tracked files."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=BENCH_DIR.parent, capture_output=True, text=True,
-                              timeout=10).stdout
+                              timeout=10, check=False).stdout
 
     try:
         modified = git("status", "--short", "--untracked-files=no").split("\n")
@@ -489,6 +490,14 @@ def quick(p: argparse.ArgumentParser, args: argparse.Namespace, **values: Any) -
                 setattr(args, k, v)
 
 
+def ensure_backend() -> None:
+    """Registers ``hpugraph`` when the package is not installed (no entry point)."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if "hpugraph" not in list_backends(exclude_tags=()):
+        register_backend(compiler_fn=hpuopt.hpugraph_backend, name="hpugraph")
+
+
 def set_threads(n: int) -> int:
     """Fixes ``torch.set_num_threads`` for the run and returns what torch reports back."""
     torch.set_num_threads(n)
@@ -500,6 +509,7 @@ def start(args: argparse.Namespace, device: str = "cpu") -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="hpuopt: .* runs uncaptured")
     warnings.filterwarnings("ignore", message=".*Profiler record function.*")
     set_threads(args.threads)
+    ensure_backend()
     return machine_info(device)
 
 
@@ -675,9 +685,9 @@ def _replay_of(piece: torch.fx.GraphModule, args: Sequence[Any]) -> Callable[[],
     forward = piece.forward
     out = next(n for n in piece.graph.nodes if n.op == "output").args[0]
     if isinstance(out, (tuple, list)):
-        fn: Callable[..., list[Any]] = lambda *a: list(forward(*a))  # noqa: E731
+        fn: Callable[..., list[Any]] = lambda *a: list(forward(*a))
     else:
-        fn = lambda *a: [forward(*a)]  # noqa: E731
+        fn = lambda *a: [forward(*a)]
     static = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     config = Config.from_options(None)
     return select_runtime(config, static).capture(fn, static, config.warmup_runs).replay
@@ -690,14 +700,14 @@ def probe_graphs(spy: SpyBackend) -> list[GraphProbe]:
     probes = []
     for seen in spy.graphs:
         record = seen["record"]
-        if "args" not in seen or record not in spy.session.graphs:
+        if "args" not in seen or not any(g is record for g in spy.session.graphs):
             continue
         aots = [a for a in record.aot_graphs if a.kind != "backward"]
         static = [(a.module, p, (i, j)) for i, a in enumerate(record.aot_graphs)
                   for j, p in enumerate(a.pieces) if a in aots and p.runner is not None]
         objects = [a.module for a in aots] + [p.runner for _, p, _ in static]
         with torch.no_grad():
-            found = record_calls(lambda: seen["fn"](*seen["args"]), objects)
+            found = record_calls(functools.partial(seen["fn"], *seen["args"]), objects)
         pieces = [
             PieceProbe(record.index, p.info.name, p.runner, m._modules[p.info.name],
                        found[id(p.runner)],
@@ -791,13 +801,13 @@ class FirstCall:
         self.capture_s = 0.0
         self.dynamo: dict[str, float] = {}
 
-    def __enter__(self) -> FirstCall:
+    def __enter__(self) -> FirstCall:  # noqa: PYI034
         self._start = len(self.session.graphs)
         self._counters = hpuopt.counters.snapshot()
         self._dynamo = _dynamo_metrics()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.records = list(self.session.graphs[self._start:])
         self.capture_s = hpuopt.counters.delta(self._counters)["capture_seconds"]
         self.dynamo = {k: v - self._dynamo.get(k, 0.0) for k, v in _dynamo_metrics().items()

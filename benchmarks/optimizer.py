@@ -1,53 +1,23 @@
 """One optimizer step over many small parameters: clip_grad_norm_ + Adam (or AdamW).
 
-The step is ``clip_grad_norm_(params, 1.0); opt.step()`` over ``--params`` parameter tensors
-(or, in the "hpugraph optim.step" row, ``clip_grad_norm_(params, 1.0); hpuopt.optim.step(opt)``)
-whose sizes are drawn once from a fixed seed in [16, 4096] elements: every kernel is tiny, so the
-time per step is host time (Python, dispatch, one op per tensor), which is what the fused
-rewrites (``hpuopt/passes/fused_clip_norm.py``, ``hpuopt/passes/fused_adam.py``) and graph
-capture exist to remove. Rows, measured in the same run and interleaved (``harness.time_rows``):
+The step is ``clip_grad_norm_(params, 1.0); opt.step()`` over ``--params`` tensors whose sizes
+are drawn once from a fixed seed in [16, 4096] elements: host-bound. Rows, interleaved (see
+``benchmarks/README.md`` for each): eager for-loop (the reference), eager foreach, eager fused,
+inductor, hpugraph, "hpugraph optim.step" (the step calls ``hpuopt.optim.step(opt)``: one
+Dynamo graph instead of three frames), hpugraph with a guard filter (``--guard-filters``), and
+the gradient refresh alone. Each call of a row first copies the next pre-drawn gradient set
+into its ``.grad`` tensors; the goals are evaluated on CPU-time medians with that subtracted.
 
-    eager for-loop        Adam(foreach=False), clip_grad_norm_(foreach=False); the reference
-    eager foreach         Adam(foreach=True),  clip_grad_norm_(foreach=True)
-    eager fused           Adam(fused=True),    clip_grad_norm_(foreach=True)
-    inductor              torch.compile(step)                      (Adam() defaults, --compiled-opt)
-    hpugraph              torch.compile(step, backend="hpugraph")  (the same)
-    hpugraph optim.step   the same, but the step calls hpuopt.optim.step(opt) instead of
-                          opt.step(): no graph breaks around the update, so the clip and the
-                          update are one Dynamo graph instead of three frames, and the CPU
-                          group (foreach left to torch) is traced in its foreach form
-    hpugraph gf=<name>    the "hpugraph" row (opt.step()) with
-                          options={"guard_filter_fn": <filter>} (see GUARD_FILTERS)
-    grad refresh only     what every row also does each step: copy the step's gradients in
+Every compiled row compiles its own copy of ``step`` with ``isolate_recompiles=True`` where
+torch has it (not before torch 2.12): otherwise Dynamo keeps all rows' entries on the one code
+object of ``Adam.step``, and a row whose guard filter dropped the guards that tell optimizers
+apart would run another row's graph, so there the guard-filter rows are left out.
 
-Every row owns its parameters, gradients and optimizer, all equal at the start. Each call of a
-row first copies the next of ``--grad-sets`` pre-drawn gradient sets into its ``.grad`` tensors
-(one ``torch._foreach_copy_``; the same sequence for every row, the "grad refresh only" row
-times it alone) and then runs its step. The compiled rows are ``torch.compile(...,
-isolate_recompiles=True)`` of their own copy of ``step`` where torch has that option: without
-it, Dynamo keeps the entries of every row on the one code object of ``Adam.step`` (and of its
-resume functions), and a row whose guard filter dropped the guards that tell optimizers apart
-would run another row's graph; on such a torch the guard-filter rows are left out.
-
-Correctness: after the first call and ``--check-steps`` more steps, every row's parameters and
-Adam state are compared with the for-loop row (``assert_close``), and again, with a looser
-tolerance (rounding differences compound over thousands of steps), after the timed steps.
-
-The first call of each compiled row is timed alone (wall and process CPU time), under a budget
-of process CPU time (``--compile-budget``, 120 s, for inductor; ``--hpugraph-budget``, 600 s; wall
-time may run to 3x that): a first call that runs past it is interrupted and the row recorded as
-``"timeout"``; an exception is recorded as ``"error: ..."``. The first calls run in the table's
-order (eager rows, the hpugraph rows, inductor last), so a later compiled row may find some
-process-wide state already warm. The goals (``GOAL_*``; evaluated and printed, not asserted) are
-evaluated for both "hpugraph" and "hpugraph optim.step", and both of their first calls are
-taken apart from hpuopt's records (``harness.FirstCall``).
-
-``--breakdown`` (on by default) then takes one hpugraph step apart, by default the
-``hpuopt.optim.step`` form (``--breakdown-of opt.step`` for the ``opt.step()`` form): the
-compiled step; the levels of ``harness.level_calls`` (backend callables with Dynamo's
-arguments, stitching graphs, runners, runtime replays, ATen pieces); the same fused kernels
-called directly; and Dynamo alone, through a backend whose graphs do nothing, with and without
-guards (guard evaluation is the difference).
+First calls are timed alone under a CPU-time budget and taken apart from hpuopt's records
+(``harness.FirstCall``); rows are checked against the for-loop row after the first steps and
+after all timed steps. ``--breakdown`` takes one hpugraph step apart (``harness.level_calls``,
+the fused kernels alone, Dynamo through a backend whose graphs do nothing, with and without
+guards).
 
     python benchmarks/optimizer.py                        # N = 100 and 1000, Adam, JSON written
     python benchmarks/optimizer.py --params 100 --optim adam adamw
@@ -72,13 +42,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-
 import harness
+import torch
 from harness import LEVELS, Goal, Row
 
-import hpuopt  # noqa: E402  (harness put this checkout on sys.path)
-import hpuopt.optim  # noqa: E402
+# hpuopt from this checkout: importing harness put it first on sys.path
+import hpuopt
+import hpuopt.optim
 
 GOAL_VS_FUSED = 1.10  # hpugraph per step at most this many times eager fused=True
 GOAL_VS_INDUCTOR = 2.0  # hpugraph at least this many times faster than inductor per step
@@ -292,7 +262,7 @@ def first_call(row: Row, budget: float) -> None:
             row.fn()
     except CompileTimeout:
         row.status = "timeout"
-    except Exception as exc:  # a compiler failure is a result too
+    except Exception as exc:  # noqa: BLE001 - a compiler failure is a result too
         row.status = f"error: {type(exc).__name__}: {str(exc)[:300]}"
     row.first_call_s = time.perf_counter() - start
     row.first_call_cpu_s = time.process_time() - cpu

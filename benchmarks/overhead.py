@@ -1,27 +1,14 @@
 """Per-call overhead of the hpugraph backend on a host-bound model, against eager and aot_eager.
 
-The model is ``--blocks`` blocks of Linear + GELU + LayerNorm (``--hidden`` wide) at batch 1 on
-the CPU: every op is tiny, so the time per call is host time (Python, dispatch), which is what
-hpuopt exists to remove. Scenarios, each a table of rows measured in the same run and
-interleaved (see ``benchmarks/harness.py``):
-
-inference (``torch.no_grad()``)
-    eager                 the module itself
-    aot_eager             torch.compile(backend="aot_eager")
-    hpugraph              torch.compile(backend="hpugraph")
-    hpuopt.compile        hpuopt.compile(model)
-    hpugraph capture=off  torch.compile(backend="hpugraph", options={"capture": False})
-training (forward + backward; ``--no-train`` skips it)
-    the first four rows above
-breakdown (``--no-breakdown`` skips it)
-    one hpugraph inference call taken apart layer by layer: Dynamo's frame entry, AOTAutograd's
-    runtime wrapper, hpuopt's stitching graph, ``PieceRunner.__call__``, the runtime's replay,
-    the ATen graph itself, and the ``torch._dynamo.config.patch`` hpuopt.compile avoids.
+``--blocks`` blocks of Linear + GELU + LayerNorm (``--hidden`` wide) at batch 1 on the CPU: every
+op is tiny, so a call is host time, which is what hpuopt exists to remove. Scenarios (see
+``benchmarks/README.md``): inference under ``torch.no_grad()`` (eager, aot_eager, hpugraph,
+hpuopt.compile, hpugraph capture=off); a training step (``--no-train`` skips it); and the
+breakdown of one hpugraph call into its layers (``--no-breakdown`` skips it).
 
 Each compiled row gets its own deep copy of the model: ``torch.compile`` of a ``torch.nn.*``
 container goes through one shared wrapper code object, so compiling the *same* module object
-with several backends stacks their cache entries on one frame and each call then walks (and
-guard-checks) the others first, which inflates whichever row was compiled last.
+with several backends stacks their cache entries on one frame and inflates the last row.
 
     python benchmarks/overhead.py            # full run, writes benchmarks/results/overhead-cpu.json
     python benchmarks/overhead.py --quick    # a smoke run (fewer repeats), writes nothing
@@ -35,13 +22,13 @@ import functools
 import time
 from typing import Any
 
-import torch
-
 import harness
+import torch
 from harness import LEVELS
 
-import hpuopt  # noqa: E402  (harness put this checkout on sys.path)
-from hpuopt.api import DYNAMIC_OP_FLAGS  # noqa: E402
+# hpuopt from this checkout: importing harness put it first on sys.path
+import hpuopt
+from hpuopt.api import DYNAMIC_OP_FLAGS
 
 GOAL = 1.10  # hpugraph's default CPU path: at most this many times eager per call
 

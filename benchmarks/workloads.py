@@ -1,44 +1,18 @@
 """Three host-bound workloads against eager, Inductor, CUDA Graphs by hand and hpugraph.
 
-Workloads (scenarios; inference, ``torch.no_grad()``, float32):
+Scenarios (inference, ``torch.no_grad()``, float32; details in ``benchmarks/README.md``):
 
-    W1  an MLP of ``--blocks`` blocks of Linear + GELU + LayerNorm (``--hidden`` wide) at batch
-        1, 4 and 16, static shapes (``dynamic=False``); one table per batch size.
-    W2  a decode-like loop: the same kind of MLP called ``--steps`` times with a batch size that
-        varies 1..``--max-batch`` each step (a fixed random sequence, seeded); compiled with
-        ``dynamic=True`` so hpugraph pads to buckets (powers of two by default). One call of a
-        row is one pass over the whole sequence; times are reported per step.
-    W3  a static MLP, a data-dependent row selection ``h = h[h.norm(dim=-1) > thr]`` and a
-        second static MLP followed by ``.sum()``; the inputs rotate over ``--w3-sets`` sets so
-        the number of selected rows changes from call to call.
+    W1  an MLP (``--blocks`` x Linear + GELU + LayerNorm) at batch 1, 4 and 16, static shapes;
+        one table per batch size.
+    W2  a decode-like loop: ``--steps`` calls with a batch size drawn from 1..``--max-batch``,
+        ``dynamic=True`` (hpugraph pads to buckets); times per step.
+    W3  static MLP -> ``h[h.norm(dim=-1) > thr]`` -> static MLP -> ``.sum()``, inputs rotating
+        over ``--w3-sets`` sets so the number of selected rows changes from call to call.
 
-Rows, all measured in the same run and interleaved round by round (``harness.time_rows``):
-
-    eager              the module itself
-    inductor           torch.compile (default backend)
-    reduce-overhead    torch.compile(mode="reduce-overhead")           CUDA only
-    cudagraphs         torch.compile(backend="cudagraphs")              CUDA only
-    hand-written       torch.cuda.graph capture written by hand         CUDA only
-                       W1: one graph per batch size, static input/output;
-                       W2: one graph per power-of-two bucket, one pool (graph_pool_handle),
-                           inputs padded, outputs sliced;
-                       W3: each static half captured (the second per bucket), mask eager.
-    hpugraph           torch.compile(backend="hpugraph")
-    hpugraph no-clone  W1 only: options={"clone_outputs": False} (returns the graph's buffers,
-                       like the hand-written capture does)
-    hpuopt.compile     W3 only: hpuopt.compile(model) keeps the dynamic op inside the graph
-
-Per row: per-call median over repeats and its IQR (wall, and CPU time of the process), the
-first call timed apart (``torch.compile``: tracing, compilation and the first captures; the
-hand-written rows: warm-up and capture), the number of device graphs captured (hpuopt's
-``explain``; on CUDA for other rows every ``CUDAGraph.capture_begin`` is counted, whoever calls
-it), graph memory (``explain().held_bytes``; on CUDA also the allocator's allocated/reserved
-deltas and peak over the row's set-up), and the largest absolute difference from eager on the
-same inputs, checked after timing.
-
-On CUDA every timed block of calls is bracketed by ``torch.cuda.synchronize()`` (device work is
-asynchronous; the host clock is read only after the device is done), so a row's time is the
-throughput of back-to-back calls, host and device together.
+Rows: eager, inductor, and on CUDA reduce-overhead, cudagraphs and a hand-written
+``torch.cuda.graph`` capture; hpugraph; W1 also hpugraph no-clone, W3 also hpuopt.compile. Per
+row: timings (``harness``), graphs captured and memory held (hpuopt's ``explain``; on CUDA the
+allocator's deltas and ``CUDAGraph.capture_begin`` calls), and max |diff| against eager.
 
     python benchmarks/workloads.py                  # full run: results/workloads-<device>.json
     python benchmarks/workloads.py --quick              # smoke run, writes nothing
@@ -58,13 +32,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import torch
-
 import harness
+import torch
 from harness import Goal, Row, fmt_bytes
 
-import hpuopt  # noqa: E402  (harness put this checkout on sys.path)
-from hpuopt.diagnostics.explain import Session, default_session, explain  # noqa: E402
+# hpuopt from this checkout: importing harness put it first on sys.path
+import hpuopt
+from hpuopt.diagnostics.explain import Session, default_session, explain
 
 # Goals (printed, never asserted).
 GOAL_W1_VS_EAGER = 3.0  # GPU: hpugraph at batch 1 at least this many times faster than eager
@@ -73,15 +47,6 @@ GOAL_W3_VS_RO = 1.3  # GPU: hpugraph at least this many times faster than reduce
 GOAL_W2_MEM_VS_HAND = 1.10  # GPU: hpugraph graph memory at most this many times hand-written
 
 CUDA_ONLY = ("reduce-overhead", "cudagraphs", "hand-written")
-
-
-def _ensure_backend() -> None:
-    """Registers ``hpugraph`` when the package is not installed (no entry point), e.g. when the
-    script runs from a plain checkout on another machine."""
-    from torch._dynamo.backends.registry import list_backends, register_backend
-
-    if "hpugraph" not in list_backends(exclude_tags=()):
-        register_backend(compiler_fn=hpuopt.hpugraph_backend, name="hpugraph")
 
 
 class CaptureCounter:
@@ -272,7 +237,7 @@ def check_rows(rows: list[Row]) -> None:
         before = hpuopt.counters.snapshot()
         try:
             row.info["max_abs_diff"] = float(row.check())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported in the row's notes
             row.info["max_abs_diff"] = float("nan")
             row.info["check_error"] = f"{type(exc).__name__}: {exc}"
         d = hpuopt.counters.delta(before)
@@ -607,7 +572,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
-    _ensure_backend()
     harness.raise_dynamo_limits()
     machine = harness.start(args, device)
     counter = CaptureCounter()

@@ -16,7 +16,7 @@ import torch._dynamo
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import harness  # noqa: E402
+import harness
 
 
 @pytest.fixture(autouse=True)
