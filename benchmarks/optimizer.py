@@ -9,7 +9,7 @@ the gradient refresh alone. Each call of a row first copies the next pre-drawn g
 into its ``.grad`` tensors; the goals are evaluated on CPU-time medians with that subtracted.
 
 Every compiled row compiles its own copy of ``step`` with ``isolate_recompiles=True`` where
-torch has it (not before torch 2.12): otherwise Dynamo keeps all rows' entries on the one code
+torch has it (torch 2.11 does not): otherwise Dynamo keeps all rows' entries on the one code
 object of ``Adam.step``, and a row whose guard filter dropped the guards that tell optimizers
 apart would run another row's graph, so there the guard-filter rows are left out.
 
@@ -65,7 +65,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # the optimizer options of the compiled rows (--compiled-opt); "default" is what a user writes
 COMPILED_OPT: dict[str, dict[str, Any]] = {
     "default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-# each compiled row keeps its own Dynamo cache where this torch can (not before torch 2.12)
+# each compiled row keeps its own Dynamo cache where this torch can (torch 2.11 cannot)
 ISOLATE: dict[str, Any] = (
     {"isolate_recompiles": True}
     if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {})

@@ -171,15 +171,21 @@ def test_workloads_quick(tmp_path):
     assert result["W2"]["buckets"] and result["W3"]["selected_rows_per_set"]
 
 
-def test_optimizer_quick(tmp_path):
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "torch-2.11-like"])
+def test_optimizer_quick(tmp_path, monkeypatch, isolate):
     import optimizer
 
+    if not isolate:  # what the script does on a torch without isolate_recompiles
+        monkeypatch.setattr(optimizer, "ISOLATE", {})
+    elif not optimizer.ISOLATE:
+        pytest.skip("this torch has no isolate_recompiles")
     assert optimizer.main(["--quick", "--params", "3", "--skip-inductor", "--guard-filters",
-                           "--repeats", "2", "--out-dir", str(tmp_path)]) == 0
+                           "all", "--repeats", "2", "--out-dir", str(tmp_path)]) == 0
     result = _load(tmp_path, "optimizer")
     _check_header(result, "optimizer")
     (run,) = result["runs"]
     _check_rows(run["rows"], repeats=2)
+    assert (run["status"]["hpugraph gf=all"] == "ok") == isolate
     assert all(c["ok"] for c in (*run["check_early"].values(), *run["check_late"].values()))
     assert {g["row"] for g in run["goals"]} == set(optimizer.GOAL_ROWS)
     for name, fc in run["first_call_breakdown"].items():
