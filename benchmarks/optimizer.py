@@ -123,12 +123,14 @@ class GuardCensus:
 class Problem:
     """Parameter sizes, initial values and the gradient sets, all from one seed."""
 
-    def __init__(self, n: int, grad_sets: int, seed: int = 0) -> None:
+    def __init__(self, n: int, grad_sets: int, seed: int = 0, device: str = "cpu") -> None:
         g = torch.Generator().manual_seed(seed)
+        self.device = device
         self.sizes = torch.randint(16, 4097, (n,), generator=g).tolist()
-        self.init = [torch.randn(s, generator=g) for s in self.sizes]
+        self.init = [torch.randn(s, generator=g).to(device) for s in self.sizes]
         # randn gradients: the total norm is far above 1, so the clip really scales them
-        self.grads = [[torch.randn(s, generator=g) for s in self.sizes] for _ in range(grad_sets)]
+        self.grads = [[torch.randn(s, generator=g).to(device) for s in self.sizes]
+                      for _ in range(grad_sets)]
 
     @property
     def numel(self) -> int:
@@ -191,6 +193,8 @@ class Step(Grads):
     def __call__(self) -> None:
         self.refresh()
         self.step()
+        if self.problem.device != "cpu":  # a step's time is its device time too
+            torch.cuda.synchronize()
 
     def state(self) -> list[torch.Tensor]:
         out = [p.detach() for p in self.params]
@@ -483,7 +487,7 @@ def bench_one(n: int, optim: str, args: argparse.Namespace) -> dict[str, Any]:
     torch._dynamo.reset()
     hpuopt.reset()
     gc.collect()
-    problem = Problem(n, args.grad_sets)
+    problem = Problem(n, args.grad_sets, device=args.device)
     rows = make_rows(problem, optim, args)
     print(f"\n== {optim}, {n} parameters ({problem.numel} elements, sizes {min(problem.sizes)}.."
           f"{max(problem.sizes)}), load {harness.load_average() or 0:.2f}")
@@ -532,6 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = harness.parser(__doc__, name="optimizer", warmup=None, repeats=9, number=None,
                        number_help="calls per repeat; default max(3, 1000 // params)")
     p.add_argument("--params", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the parameters live (cuda: steps are timed to a synchronize)")
     p.add_argument("--optim", nargs="+", choices=sorted(OPTIMIZERS), default=["adam"])
     p.add_argument("--guard-filters", nargs="*", choices=sorted(GUARD_FILTERS),
                    default=["nn_modules", "per_param", "all"])
@@ -577,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh_inductor_caches()
     if not ISOLATE:
         harness.raise_dynamo_limits()
-    machine = harness.start(args)
+    machine = harness.start(args, args.device)
     print(f"optimizer: clip_grad_norm_({MAX_NORM}) + {'/'.join(args.optim)} over "
           f"{args.params} params, {args.threads} thread(s), torch {torch.__version__}, "
           f"{machine['cpu_model']}, load {harness.load_average() or 0:.2f}")
@@ -593,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             a.number = args.number or max(3, 1000 // n)
             a.warmup = args.warmup if args.warmup is not None else max(3, 300 // n)
             result["runs"].append(bench_one(n, optim, a))
-    harness.finish(result, args, "cpu", started)
+    harness.finish(result, args, args.device, started)
     return 0
 
 

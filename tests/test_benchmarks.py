@@ -193,3 +193,26 @@ def test_optimizer_quick(tmp_path, monkeypatch, isolate):
     bd = run["breakdown"]
     total = next(r for r in bd["rows"] if r["name"] == "hpugraph step")["cpu_median_s"]
     _check_layers(bd["layers_cpu_s"], total)
+
+
+def test_gpu_check_plan_fits_its_budget_and_its_benchmark_flags_exist(monkeypatch):
+    import importlib.util
+    import subprocess
+
+    root = BENCH.parent
+    spec = importlib.util.spec_from_file_location("gpu_check", root / ".ci" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    steps = gpu_check.plan(sys.executable)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parse as on a GPU machine
+    assert sum(s["timeout"] for s in steps) <= gpu_check.BUDGET_S <= 8 * 60
+    assert [s["name"] for s in steps][0] == "cuda-tests"
+    for step in steps:
+        cmd = step["cmd"]
+        if len(cmd) > 1 and cmd[1].startswith("benchmarks/"):
+            script = __import__(Path(cmd[1]).stem)
+            args = script.parse_args(cmd[2:])  # argparse exits on an unknown flag
+            assert args.device == "cuda"
+    done = subprocess.run([sys.executable, str(root / ".ci" / "gpu_check.py"), "--dry-run"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "cuda-tests" in done.stdout
