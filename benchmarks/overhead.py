@@ -133,6 +133,51 @@ def bench_breakdown(args: argparse.Namespace, model: torch.nn.Module) -> dict[st
     return {"timings": timings, "layers_cpu_s": layers, "pieces": harness.describe_pieces(probes, spy.session)}
 
 
+def bench_address_check(args: argparse.Namespace) -> dict[str, Any]:
+    """The per-call check that every parameter is where it was at capture, at 16/64/256
+    parameter tensors: hpuopt's check against the Python loop it replaced. On a device the
+    whole replay is a few microseconds, so this check must not grow with the model."""
+    from hpuopt.runtime.cpu import CpuRuntime
+    from hpuopt.runtime.entry import capture, flat_forward
+    from hpuopt.runtime.signature import EXACT_KEYS, arg_plan
+
+    rows: dict[str, Any] = {}
+    for n in args.address_params:
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(n)]
+        x = torch.randn(4)
+        gm = _reads_all([x, *params])
+        plan = arg_plan(gm, stable=[False] + [True] * n)
+        entry = capture(CpuRuntime(), flat_forward(gm, True), plan, (x, *params), EXACT_KEYS,
+                        0, [True])
+        call_args = (x, *params)
+        rows[f"{n} params: python loop"] = functools.partial(
+            _python_loop, call_args, plan.stable, entry.ptrs)
+        rows[f"{n} params: hpuopt"] = functools.partial(entry.same_addresses, call_args)
+    timings = harness.time_rows(rows, warmup=args.warmup, repeats=args.repeats,
+                                number=args.number * 10, first_call=False)
+    return {"timings": timings}
+
+
+def _reads_all(inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """A graph with one placeholder per input (``meta["val"]`` set, as the runner's plan reads
+    it) that adds them all: every input is read."""
+    graph = torch.fx.Graph()
+    nodes = []
+    for i, value in enumerate(inputs):
+        node = graph.placeholder(f"a{i}")
+        node.meta["val"] = value
+        nodes.append(node)
+    total = nodes[0]
+    for node in nodes[1:]:
+        total = graph.call_function(torch.add, (total, node))
+    graph.output(total)
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _python_loop(args: tuple, stable: tuple[int, ...], ptrs: list[int]) -> bool:
+    return [args[i].data_ptr() for i in stable] == ptrs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = harness.parser(__doc__, name="overhead", warmup=20, repeats=15, number=100)
     p.add_argument("--blocks", type=int, default=16)
@@ -142,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the training-step table (forward + backward)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="time each layer of one hpugraph call alone")
+    p.add_argument("--address-params", type=int, nargs="*", default=[16, 64, 256],
+                   help="parameter counts of the address-check rows (none: skip them)")
     args = p.parse_args(argv)
     harness.quick(p, args, warmup=5, repeats=3, number=20)
 
@@ -188,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         result["breakdown"] = {"rows": harness.rows_json(bd["timings"], "eager m(x)"),
                                "layers_cpu_s": dict(bd["layers_cpu_s"]),
                                "pieces": bd["pieces"]}
+    if args.address_params:
+        ad = bench_address_check(args)
+        first = f"{args.address_params[0]} params: python loop"
+        print("\n" + harness.format_table(ad["timings"], first,
+                                          "per-call address check of the stable inputs"))
+        result["address_check"] = harness.rows_json(ad["timings"], first)
     harness.finish(result, args, "cpu", started)
     return 0
 
