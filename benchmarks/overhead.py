@@ -139,14 +139,14 @@ def bench_address_check(args: argparse.Namespace) -> dict[str, Any]:
     whole replay is a few microseconds, so this check must not grow with the model."""
     from hpuopt.runtime.cpu import CpuRuntime
     from hpuopt.runtime.entry import capture, flat_forward
-    from hpuopt.runtime.signature import EXACT_KEYS, arg_plan
+    from hpuopt.runtime.signature import EXACT_KEYS, arg_roles
 
     rows: dict[str, Any] = {}
     for n in args.address_params:
         params = [torch.nn.Parameter(torch.randn(4)) for _ in range(n)]
         x = torch.randn(4)
         gm = _reads_all([x, *params])
-        plan = arg_plan(gm, stable=[False] + [True] * n)
+        plan = arg_roles(gm, stable=[False] + [True] * n)
         entry = capture(CpuRuntime(), flat_forward(gm, True), plan, (x, *params), EXACT_KEYS,
                         0, [True])
         call_args = (x, *params)

@@ -215,8 +215,8 @@ def _piece_report(p: PieceRecord) -> PieceReport:
         evictions=r.evictions,
         held_bytes=r.held_bytes(),
         padding=r.padding_summary(),
-        inputs_copied=len(r.plan.copied),
-        inputs_in_place=len(r.plan.stable),
+        inputs_copied=len(r.roles.copied),
+        inputs_in_place=len(r.roles.stable),
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hpuopt.runtime.signature import ArgPlan
+from hpuopt.runtime.signature import ArgRoles
 
 _MOVES_BEFORE_COPY = 2
 """A stable input that changed address this many times is copied each call instead."""
@@ -45,7 +45,7 @@ place from then on."""
 
 
 class Split(NamedTuple):
-    """A new division of a plan's tensor arguments between read in place and copied."""
+    """A new division of the tensor arguments between read in place and copied."""
 
     stable: tuple[int, ...]
     copied: tuple[int, ...]
@@ -67,7 +67,7 @@ class AddressPolicy:
         """Whether calls are still observed for promotion."""
         return self._watch is not None
 
-    def watched(self, plan: ArgPlan) -> Sequence[int]:
+    def watched(self, roles: ArgRoles) -> Sequence[int]:
         """The arguments whose address the next :meth:`observe` needs: on the first call every
         copied one that could be read in place (not keyed, not read as a whole storage, never
         moved), later the candidates left. The caller leaves out those that are not tensors on
@@ -75,12 +75,12 @@ class AddressPolicy:
         if self._watch is None:
             return ()
         if self._calls == 0:
-            skip = {*plan.keyed, *plan.full_storage, *self._moves}
-            return [i for i in plan.copied if i not in skip]
+            skip = {*roles.keyed, *roles.full_storage, *self._moves}
+            return [i for i in roles.copied if i not in skip]
         return list(self._watch)
 
     def observe(
-        self, plan: ArgPlan, addresses: Mapping[int, int], can_promote: bool = True
+        self, roles: ArgRoles, addresses: Mapping[int, int], can_promote: bool = True
     ) -> Split | None:
         """One call's ``{argument: address}``; the split that reads the arguments which never
         moved in place, once the window closes, else ``None``. ``can_promote`` False (a
@@ -96,16 +96,16 @@ class AddressPolicy:
             for i in [i for i, ptr in watch.items() if addresses.get(i) != ptr]:
                 del watch[i]
             if watch and self._calls > _SAME_BEFORE_STABLE:
-                promote = [i for i in watch if i in plan.copied]
+                promote = [i for i in watch if i in roles.copied]
                 watch.clear()
                 if promote and can_promote:
                     self._promoted |= set(promote)
-                    split = _split(plan, set(plan.stable) | set(promote))
+                    split = _split(roles, set(roles.stable) | set(promote))
         if not watch:
             self._watch = None
         return split
 
-    def moved(self, plan: ArgPlan, moved: Sequence[int]) -> Split | None:
+    def moved(self, roles: ArgRoles, moved: Sequence[int]) -> Split | None:
         """The stable arguments ``moved`` changed address (a capture again follows); the split
         that copies those that keep moving from now on, else ``None``."""
         for i in moved:
@@ -114,7 +114,7 @@ class AddressPolicy:
         if not demote:
             return None
         self._promoted -= set(demote)
-        return _split(plan, set(plan.stable) - set(demote))
+        return _split(roles, set(roles.stable) - set(demote))
 
 
 def addresses(args: Sequence[Any], indices: Sequence[int], device: str) -> dict[int, int]:
@@ -127,7 +127,7 @@ def addresses(args: Sequence[Any], indices: Sequence[int], device: str) -> dict[
     }
 
 
-def _split(plan: ArgPlan, stable: set[int]) -> Split:
-    tensors = set(plan.stable) | set(plan.copied)
-    changed = stable.symmetric_difference(plan.stable)
+def _split(roles: ArgRoles, stable: set[int]) -> Split:
+    tensors = set(roles.stable) | set(roles.copied)
+    changed = stable.symmetric_difference(roles.stable)
     return Split(tuple(sorted(stable)), tuple(sorted(tensors - stable)), tuple(sorted(changed)))

@@ -49,7 +49,7 @@ from hpuopt.runtime.base import (
     empty_like_exact,
     tensor_nbytes,
 )
-from hpuopt.runtime.signature import ArgPlan
+from hpuopt.runtime.signature import ArgRoles
 
 if TYPE_CHECKING:
     from hpuopt.runtime.signature import KeyStrategy
@@ -61,13 +61,13 @@ class Entry:
     __slots__ = (
         "aliases", "all_ptrs", "capture_seconds", "copy_targets", "escaping", "escaping_copies",
         "fresh", "stable_args",
-        "graph", "inputs", "nbytes", "outputs", "plain_copies", "plan", "ptrs",
+        "graph", "inputs", "nbytes", "outputs", "plain_copies", "ptrs", "roles",
     )
 
     def __init__(
         self,
         graph: CapturedGraph,
-        plan: ArgPlan,
+        roles: ArgRoles,
         escaping: Sequence[bool],
         nbytes: int = 0,
         capture_seconds: float = 0.0,
@@ -78,16 +78,16 @@ class Entry:
         self.capture_seconds = capture_seconds
         self.inputs = graph.static_inputs
         self.outputs = graph.static_outputs
-        self.plan = plan
-        self.ptrs = [graph.static_inputs[i].data_ptr() for i in plan.stable]
+        self.roles = roles
+        self.ptrs = [graph.static_inputs[i].data_ptr() for i in roles.stable]
         # the per-call address check, in C++ where the build has it (see same_addresses)
         self.all_ptrs: list[int | None] = [None] * len(graph.static_inputs)
-        for i, ptr in zip(plan.stable, self.ptrs):
+        for i, ptr in zip(roles.stable, self.ptrs):
             self.all_ptrs[i] = ptr
-        self.stable_args = _getter(plan.stable)
-        self.copy_targets = [graph.static_inputs[i] for i in plan.copied]
+        self.stable_args = _getter(roles.stable)
+        self.copy_targets = [graph.static_inputs[i] for i in roles.copied]
         # broadcast buffers, whole-storage copies or a single input take the slow path
-        self.plain_copies = len(plan.copied) > 1 and not plan.full_storage and not plan.host and (
+        self.plain_copies = len(roles.copied) > 1 and not roles.full_storage and not roles.host and (
             not any(0 in t.stride() for t in self.copy_targets)
         )
         self.aliases = graph.aliases
@@ -105,7 +105,7 @@ class Entry:
         Every call pays this, for every parameter: a Python loop over hundreds of tensors costs
         more than a whole graph replay. Builds with CUDA have the C++ comparison CUDA-graph trees
         use; elsewhere one ``map`` over the stable arguments does it."""
-        stable = self.plan.stable
+        stable = self.roles.stable
         if not stable:
             return True
         if _PTRS_EQUAL is not None:
@@ -114,17 +114,17 @@ class Entry:
 
     def moved(self, args: Sequence[Any]) -> list[int]:
         """The stable arguments whose address changed since capture."""
-        stable = self.plan.stable
+        stable = self.roles.stable
         return [i for slot, i in enumerate(stable) if args[i].data_ptr() != self.ptrs[slot]]
 
     def copy_in(self, args: Sequence[Any]) -> None:
         """Copies this call's copied arguments into the static buffers."""
         if self.plain_copies:  # one multi-tensor copy instead of a launch per input
-            copied = self.plan.copied
+            copied = self.roles.copied
             torch._foreach_copy_(self.copy_targets, [args[i] for i in copied], non_blocking=True)
         elif self.copy_targets:
-            full = self.plan.full_storage
-            for i in self.plan.copied:
+            full = self.roles.full_storage
+            for i in self.roles.copied:
                 if i in full:
                     _flat_storage(self.inputs[i]).copy_(_flat_storage(args[i]), non_blocking=True)
                 else:
@@ -136,7 +136,7 @@ class Entry:
 
     def write_back(self, args: Sequence[Any]) -> None:
         """Copies the mutated static buffers back into the caller's tensors."""
-        back = self.plan.mutated_copied
+        back = self.roles.mutated_copied
         if len(back) > 1:
             inputs = self.inputs
             torch._foreach_copy_([args[i] for i in back], [inputs[i] for i in back])
@@ -204,35 +204,35 @@ def retire_lent(lent: list[weakref.ref], piece: str) -> int:
 def capture(
     runtime: Runtime,
     fn: Callable[..., list[Any]],
-    plan: ArgPlan,
+    roles: ArgRoles,
     args: Sequence[Any],
     keys: KeyStrategy,
     warmup_runs: int,
     escaping: Sequence[bool],
     pool: Any = None,
 ) -> Entry:
-    """Captures ``fn`` on static buffers made from ``args`` as ``plan`` and ``keys`` say.
+    """Captures ``fn`` on static buffers made from ``args`` as ``roles`` and ``keys`` say.
 
     Raises what the runtime raises (:class:`hpuopt.errors.CaptureError`, out of memory).
     """
     static: list[Any] = list(args)
-    for i in plan.copied:
-        static[i] = _static_copy(args[i], i in plan.full_storage)
-    for i in plan.host:  # read on the device, from a buffer refreshed every call
-        static[i] = static[i].to(plan.device)
+    for i in roles.copied:
+        static[i] = _static_copy(args[i], i in roles.full_storage)
+    for i in roles.host:  # read on the device, from a buffer refreshed every call
+        static[i] = static[i].to(roles.device)
     keys.prepare(static, args)
-    for i in plan.stable:
+    for i in roles.stable:
         static[i] = args[i].detach()  # the storage as of now, like a recorded address
     warm = list(static)
-    for i in plan.mutated:
+    for i in roles.mutated:
         warm[i] = static[i].clone()
     start = time.perf_counter()
     graph = runtime.capture(fn, static, warmup_runs, warmup_inputs=warm, pool=pool)
     seconds = time.perf_counter() - start
     counters.graphs_captured += 1
     counters.capture_seconds += seconds
-    nbytes = graph.nbytes + tensor_nbytes([static[i] for i in plan.copied])
-    return Entry(graph, plan, escaping, nbytes, seconds)
+    nbytes = graph.nbytes + tensor_nbytes([static[i] for i in roles.copied])
+    return Entry(graph, roles, escaping, nbytes, seconds)
 
 
 def flat_forward(gm: torch.fx.GraphModule, single_output: bool) -> Callable[..., list[Any]]:

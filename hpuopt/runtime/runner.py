@@ -48,7 +48,7 @@ from hpuopt.runtime.base import Runtime
 from hpuopt.runtime.entry import Entry, capture, flat_forward, retire_lent
 from hpuopt.runtime.graph_cache import GraphCache, Held, Uncaptured
 from hpuopt.runtime.padder import Padder, describe_padding
-from hpuopt.runtime.signature import KeyStrategy, arg_plan, call_keys
+from hpuopt.runtime.signature import KeyStrategy, arg_roles, call_keys
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class PieceRunner:
         self.gm = gm
         self.runtime = runtime
         self.config = config
-        self.plan = arg_plan(gm, stable)
+        self.roles = arg_roles(gm, stable)
         self.escaping = list(escaping)
         self.single_output = not isinstance(output_node(gm).args[0], (tuple, list))
         self._padding_plan = padding
@@ -77,7 +77,7 @@ class PieceRunner:
         self.cache = GraphCache(runtime.release, config.max_graphs, config.max_graph_bytes)
         self.replays = 0
         self._addresses = AddressPolicy()
-        self._adopted = False  # the first miss refines the plan with real arguments
+        self._adopted = False  # the first miss refines the roles with real arguments
         self._warned_stale = False
         self._lent: list[weakref.ref] = []  # alias mode: outputs handed out uncloned
         # the memory pool of this piece's graphs, shared by its buckets and nobody else's:
@@ -98,7 +98,7 @@ class PieceRunner:
         if keys is None:  # a size above the largest bucket, configured to run uncaptured
             self.cache.fallback_reasons.setdefault(("above",), "size above the largest bucket")
             return self._run_uncaptured(args)
-        key = keys.key(self.plan, args)
+        key = keys.key(self.roles, args)
         entry = self.cache.get(key)
         if entry is None:
             key, entry = self._miss(key, args, keys)
@@ -142,12 +142,12 @@ class PieceRunner:
 
     def _miss(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> tuple[tuple, Held]:
         """Warms up and captures this signature (the key changes when the first call refines
-        the plan); returns the key and the entry now held for it."""
+        the roles); returns the key and the entry now held for it."""
         if not self._adopted:
             self._adopted = True
-            plan, self.plan = self.plan, self.plan.adopt(args)
-            if self.plan.keyed != plan.keyed:  # the key holds new arguments now
-                key = keys.key(self.plan, args)
+            roles, self.roles = self.roles, self.roles.adopt(args)
+            if self.roles.keyed != roles.keyed:  # the key holds new arguments now
+                key = keys.key(self.roles, args)
         entry = self._capture(key, args, keys)
         self.cache.put(key, entry)
         return key, entry
@@ -157,7 +157,7 @@ class PieceRunner:
         log.info("%s: arguments %s changed address; capturing again", self.name, moved)
         counters.recaptures += 1
         self.cache.drop(key)
-        split = self._addresses.moved(self.plan, moved)
+        split = self._addresses.moved(self.roles, moved)
         if split is not None:  # the key is unchanged: only keyed arguments are in it
             log.info(
                 "%s: arguments %s keep moving; copying them each call", self.name, split.changed
@@ -172,11 +172,11 @@ class PieceRunner:
     def _capture(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> Held:
         if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
             return _CAPTURE_OFF
-        if self.plan.unsupported:
-            return self._fallback(key, self.plan.unsupported)
+        if self.roles.unsupported:
+            return self._fallback(key, self.roles.unsupported)
         fn = flat_forward(self.gm, self.single_output)
         try:
-            entry = capture(self.runtime, fn, self.plan, args, keys, self.config.warmup_runs,
+            entry = capture(self.runtime, fn, self.roles, args, keys, self.config.warmup_runs,
                             self.escaping, pool=self._pool)
         except CaptureError as exc:
             return self._fallback(key, str(exc))
@@ -210,8 +210,8 @@ class PieceRunner:
 
     def _observe(self, args: Sequence[Any]) -> None:
         """Reports this call's addresses to the address policy; applies a promotion."""
-        seen = addresses(args, self._addresses.watched(self.plan), self.runtime.name)
-        split = self._addresses.observe(self.plan, seen, self.cache.all_captured())
+        seen = addresses(args, self._addresses.watched(self.roles), self.runtime.name)
+        split = self._addresses.observe(self.roles, seen, self.cache.all_captured())
         if split is not None:
             log.info("%s: arguments %s kept their address; reading them in place", self.name,
                      split.changed)
@@ -220,7 +220,7 @@ class PieceRunner:
 
     def _replan(self, split: Split) -> None:
         """Applies a new split; every graph baked in the old one, so all are dropped."""
-        self.plan = self.plan.with_split(split.stable, split.copied)
+        self.roles = self.roles.with_split(split.stable, split.copied)
         self.clear()
 
     # -- introspection ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ captured with is baked in. The signature only holds what can vary: Dynamo's guar
 the dtype, device and (for non-dynamic dimensions) the shape and strides of the graph's inputs,
 and every value computed inside the graph is a pure function of those. What can vary is exactly
 what ``node.meta["val"]`` shows as symbolic: SymInt arguments (dynamic sizes, data-dependent
-sizes) and tensors whose sizes or strides hold symbols. :func:`arg_plan` decides this once per
+sizes) and tensors whose sizes or strides hold symbols. :func:`arg_roles` decides this once per
 piece from the placeholders' metadata; the per-call key is then a tuple over those arguments
 only, and a fully static piece has the empty key — one dictionary lookup per call.
 
@@ -15,8 +15,8 @@ Copied or read in place
 -----------------------
 Activations are copied into static buffers each call. Parameters and buffers of the module are
 *stable*: the graph reads them in place, and their address is checked every call. The first
-call's arguments refine that split (:meth:`ArgPlan.adopt`), and the address policy may move
-arguments between the two later (:meth:`ArgPlan.with_split`).
+call's arguments refine that split (:meth:`ArgRoles.adopt`), and the address policy may move
+arguments between the two later (:meth:`ArgRoles.with_split`).
 
 Key strategies
 --------------
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArgPlan:
+class ArgRoles:
     """How a piece treats its positional arguments, decided once from graph metadata."""
 
     tensor: tuple[int, ...]
@@ -76,8 +76,8 @@ class ArgPlan:
     device: str | None = None
     """The accelerator the piece runs on, from its metadata (``None`` for a CPU piece)."""
 
-    def adopt(self, args: Sequence[Any]) -> ArgPlan:
-        """This plan refined with the first call's arguments (``self`` when nothing changes).
+    def adopt(self, args: Sequence[Any]) -> ArgRoles:
+        """These roles refined with the first call's arguments (``self`` when nothing changes).
 
         Arguments that are ``nn.Parameter`` objects become stable: a backward graph receives
         the parameters its forward saved, which AOTAutograd does not mark static there, and
@@ -104,9 +104,9 @@ class ArgPlan:
             full_storage=tuple(i for i in self.full_storage if i not in not_tensors),
         )
 
-    def with_split(self, stable: Collection[int], copied: Collection[int]) -> ArgPlan:
-        """This plan reading ``stable`` in place and copying ``copied`` (their union must be
-        the tensor arguments the plan has now); the mutated copies follow."""
+    def with_split(self, stable: Collection[int], copied: Collection[int]) -> ArgRoles:
+        """These roles, reading ``stable`` in place and copying ``copied`` (their union must be
+        the tensor arguments these roles cover now); the mutated copies follow."""
         host = set(self.host)
         copied = set(copied) | (host & set(stable))
         return dataclasses.replace(
@@ -117,8 +117,8 @@ class ArgPlan:
         )
 
 
-def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
-    """The plan of ``gm``'s arguments from its placeholders' metadata; ``stable[i]`` says
+def arg_roles(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgRoles:
+    """The roles of ``gm``'s arguments, from its placeholders' metadata; ``stable[i]`` says
     whether argument ``i`` is a parameter or buffer (read in place)."""
     mutated = mutated_inputs(gm)
     device = graph_device(gm)
@@ -140,7 +140,7 @@ def arg_plan(gm: torch.fx.GraphModule, stable: Sequence[bool]) -> ArgPlan:
             keyed.append(i)  # unknown or symbolic: let its runtime value into the key
     full = tuple(sorted(_as_strided_inputs(gm) & set(copied)))
     keyed.extend(i for i in full if i not in keyed)
-    return ArgPlan(
+    return ArgRoles(
         full_storage=full,
         tensor=tuple(tensor),
         copied=tuple(copied),
@@ -215,10 +215,10 @@ Sizes = dict[PadSource, tuple[int, int]]
 class ExactKeys:
     """Signs a call by its arguments' real shapes; the entry copies and hands out as is."""
 
-    def key(self, plan: ArgPlan, args: Sequence[Any]) -> tuple:
-        key = tuple(key_part(args[i]) for i in plan.keyed) if plan.keyed else ()
-        if plan.full_storage:
-            key += tuple(storage_key(args[i]) for i in plan.full_storage)
+    def key(self, roles: ArgRoles, args: Sequence[Any]) -> tuple:
+        key = tuple(key_part(args[i]) for i in roles.keyed) if roles.keyed else ()
+        if roles.full_storage:
+            key += tuple(storage_key(args[i]) for i in roles.full_storage)
         return key
 
     def prepare(self, static: list[Any], args: Sequence[Any]) -> None:
@@ -248,10 +248,10 @@ class BucketKeys:
         self.padder = padder
         self.sizes = sizes
 
-    def key(self, plan: ArgPlan, args: Sequence[Any]) -> tuple:
+    def key(self, roles: ArgRoles, args: Sequence[Any]) -> tuple:
         padder, sizes = self.padder, self.sizes
         parts: list[Any] = []
-        for i in plan.keyed:
+        for i in roles.keyed:
             if i in padder.dims:
                 shape = list(args[i].shape)
                 for src in padder.dims[i]:
@@ -268,12 +268,12 @@ class BucketKeys:
         self.padder.prepare(static, args, self.sizes)
 
     def load(self, entry: Entry, args: Sequence[Any]) -> None:
-        self.padder.load(entry.inputs, args, self.sizes, entry.plan.copied)
+        self.padder.load(entry.inputs, args, self.sizes, entry.roles.copied)
 
     def outputs(self, entry: Entry, args: Sequence[Any]) -> tuple[list[Any], Sequence[int]]:
         """Every output sliced back to its real extent (no input views are regenerated: all
         escaping outputs are cloned or lent); counts the call's real and padded elements."""
-        self.padder.count(entry.inputs, args, entry.plan.copied)
+        self.padder.count(entry.inputs, args, entry.roles.copied)
         return slice_outputs(self.padder.plan, entry.outputs, args, entry.inputs), entry.escaping
 
 

@@ -14,7 +14,7 @@ import hpuopt
 from hpuopt.runtime import entry as entry_module
 from hpuopt.runtime.cpu import CpuRuntime
 from hpuopt.runtime.entry import capture, flat_forward
-from hpuopt.runtime.signature import EXACT_KEYS, arg_plan
+from hpuopt.runtime.signature import EXACT_KEYS, arg_roles
 
 cuda = pytest.mark.cuda
 
@@ -27,18 +27,18 @@ def _fake_graph(fn, *specs):
 
 def test_a_cpu_scalar_read_by_a_cuda_piece_is_copied_never_read_in_place():
     gm = _fake_graph(lambda x, s: x * s, ((4, 8), "cuda"), ((), "cpu"))
-    plan = arg_plan(gm, stable=[False, True])  # even if the caller calls it stable
-    assert plan.host == (1,) and plan.device == "cuda:0"
-    assert 1 in plan.copied and 1 not in plan.stable
+    roles = arg_roles(gm, stable=[False, True])  # even if the caller calls it stable
+    assert roles.host == (1,) and roles.device == "cuda:0"
+    assert 1 in roles.copied and 1 not in roles.stable
     lr = nn.Parameter(torch.tensor(0.1))  # a CPU parameter stays copied too
-    assert 1 not in plan.adopt([torch.empty(4, 8), lr]).stable
-    assert 1 not in plan.with_split(stable=[0, 1], copied=[]).stable
+    assert 1 not in roles.adopt([torch.empty(4, 8), lr]).stable
+    assert 1 not in roles.with_split(stable=[0, 1], copied=[]).stable
 
 
 def test_a_cpu_piece_has_no_host_inputs():
     gm = _fake_graph(lambda x, s: x * s, ((4, 8), "cpu"), ((), "cpu"))
-    plan = arg_plan(gm, stable=[False, False])
-    assert plan.host == () and plan.device is None
+    roles = arg_roles(gm, stable=[False, False])
+    assert roles.host == () and roles.device is None
 
 
 def _python_ptrs_equal(tensors, data_ptrs, indices):
@@ -53,9 +53,9 @@ def test_the_address_check_sees_every_moved_stable_input(monkeypatch, cpp, stabl
     if cpp:
         monkeypatch.setattr(entry_module, "_PTRS_EQUAL", _python_ptrs_equal)
     gm = make_fx(lambda a, b, c: a + b * c)(torch.randn(3), torch.randn(3), torch.randn(3))
-    plan = arg_plan(gm, stable=[i in stable for i in range(3)])
+    roles = arg_roles(gm, stable=[i in stable for i in range(3)])
     args = (torch.randn(3), torch.randn(3), torch.randn(3))
-    entry = capture(CpuRuntime(), flat_forward(gm, True), plan, args, EXACT_KEYS, 0, [True])
+    entry = capture(CpuRuntime(), flat_forward(gm, True), roles, args, EXACT_KEYS, 0, [True])
     assert entry.same_addresses(args)
     for i in range(3):
         moved = list(args)

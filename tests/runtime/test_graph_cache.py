@@ -12,14 +12,14 @@ from hpuopt.runtime.base import tensor_nbytes
 from hpuopt.runtime.cpu import CpuRuntime
 from hpuopt.runtime.entry import Entry, capture
 from hpuopt.runtime.graph_cache import GraphCache, Uncaptured
-from hpuopt.runtime.signature import EXACT_KEYS, ArgPlan
+from hpuopt.runtime.signature import EXACT_KEYS, ArgRoles
 
-PLAN = ArgPlan(tensor=(0, 1), copied=(0,), stable=(1,), keyed=(0,), mutated=())
+ROLES = ArgRoles(tensor=(0, 1), copied=(0,), stable=(1,), keyed=(0,), mutated=())
 
 
 def _entry(runtime: CpuRuntime, rows: int) -> Entry:
     x, w = torch.randn(rows, 4), torch.randn(4, 3)
-    return capture(runtime, lambda a, b: [torch.tanh(a @ b)], PLAN, [x, w], EXACT_KEYS, 0, [True])
+    return capture(runtime, lambda a, b: [torch.tanh(a @ b)], ROLES, [x, w], EXACT_KEYS, 0, [True])
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Signatures without a compiled model: the argument plan, exact keys, bucket keys, and which key
+"""Signatures without a compiled model: the argument roles, exact keys, bucket keys, and which key
 strategy a call gets (bucketed, exact when it cannot be padded, none above the largest bucket)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from hpuopt.records import InputVerdict, PaddingPlan, PadSource, SizeInput
 from hpuopt.runtime.padder import Padder
 from hpuopt.runtime.signature import (
     EXACT_KEYS,
-    ArgPlan,
+    ArgRoles,
     BucketKeys,
-    arg_plan,
+    arg_roles,
     call_keys,
     describe_key,
 )
@@ -22,9 +22,9 @@ from hpuopt.runtime.signature import (
 X0, Y0 = PadSource(0, 0), PadSource(1, 0)
 
 
-def _plan(**fields) -> ArgPlan:
+def _roles(**fields) -> ArgRoles:
     base = {"tensor": (0, 1), "copied": (0, 1), "stable": (), "keyed": (0, 1), "mutated": ()}
-    return ArgPlan(**{**base, **fields})
+    return ArgRoles(**{**base, **fields})
 
 
 def _padder(*sources: PadSource, ties=(), size_inputs=(), **options) -> Padder:
@@ -38,53 +38,53 @@ def _padder(*sources: PadSource, ties=(), size_inputs=(), **options) -> Padder:
     return padder
 
 
-def test_arg_plan_keys_symbolic_arguments_and_finds_mutations():
+def test_arg_roles_keys_symbolic_arguments_and_finds_mutations():
     def f(x, w, n):
         x.add_(1.0)
         return x @ w * n
 
     gm = make_fx(f, tracing_mode="symbolic")(torch.randn(3, 4), torch.randn(4, 2), 5)
-    plan = arg_plan(gm, stable=[False, True, False])
-    assert (plan.tensor, plan.copied, plan.stable) == ((0, 1), (0,), (1,))
-    assert plan.keyed == (0, 1, 2)  # symbolic shapes and a SymInt
-    assert (plan.mutated, plan.mutated_copied) == ((0,), (0,))
-    concrete = arg_plan(make_fx(f)(torch.randn(3, 4), torch.randn(4, 2), 5), [False] * 3)
+    roles = arg_roles(gm, stable=[False, True, False])
+    assert (roles.tensor, roles.copied, roles.stable) == ((0, 1), (0,), (1,))
+    assert roles.keyed == (0, 1, 2)  # symbolic shapes and a SymInt
+    assert (roles.mutated, roles.mutated_copied) == ((0,), (0,))
+    concrete = arg_roles(make_fx(f)(torch.randn(3, 4), torch.randn(4, 2), 5), [False] * 3)
     assert concrete.keyed == (2,)  # static shapes; a Python scalar without metadata is keyed
-    static = arg_plan(make_fx(torch.mm)(torch.randn(3, 4), torch.randn(4, 2)), [False] * 2)
+    static = arg_roles(make_fx(torch.mm)(torch.randn(3, 4), torch.randn(4, 2)), [False] * 2)
     assert static.keyed == () and static.copied == (0, 1)  # the empty key
 
 
 def test_exact_key_holds_shape_strides_and_values_of_keyed_arguments_only():
-    plan = _plan(tensor=(0, 2), copied=(0, 2), keyed=(0, 1))
+    roles = _roles(tensor=(0, 2), copied=(0, 2), keyed=(0, 1))
     x = torch.randn(4, 6)
-    key = EXACT_KEYS.key(plan, [x, 3, torch.randn(2)])
-    assert key == EXACT_KEYS.key(plan, [torch.randn(4, 6), 3, torch.randn(9)])  # 2 not keyed
-    assert key != EXACT_KEYS.key(plan, [torch.randn(5, 6), 3, torch.randn(2)])
-    assert key != EXACT_KEYS.key(plan, [x.t().contiguous().t(), 3, torch.randn(2)])  # strides
-    assert key != EXACT_KEYS.key(plan, [x, 4, torch.randn(2)])
-    assert EXACT_KEYS.key(_plan(keyed=()), [x, x]) == ()
+    key = EXACT_KEYS.key(roles, [x, 3, torch.randn(2)])
+    assert key == EXACT_KEYS.key(roles, [torch.randn(4, 6), 3, torch.randn(9)])  # 2 not keyed
+    assert key != EXACT_KEYS.key(roles, [torch.randn(5, 6), 3, torch.randn(2)])
+    assert key != EXACT_KEYS.key(roles, [x.t().contiguous().t(), 3, torch.randn(2)])  # strides
+    assert key != EXACT_KEYS.key(roles, [x, 4, torch.randn(2)])
+    assert EXACT_KEYS.key(_roles(keyed=()), [x, x]) == ()
     assert describe_key(key) == "(4x6, 3)"
 
 
 def test_exact_key_of_a_full_storage_argument_holds_its_storage():
-    plan = _plan(tensor=(0,), copied=(0,), keyed=(0,), full_storage=(0,))
+    roles = _roles(tensor=(0,), copied=(0,), keyed=(0,), full_storage=(0,))
     small, big = torch.randn(8), torch.randn(16)
     a, b = small[2:6], big[2:6]  # the same view of storages of different sizes
     assert (a.shape, a.stride()) == (b.shape, b.stride())
-    assert EXACT_KEYS.key(plan, [a]) != EXACT_KEYS.key(plan, [b])
-    assert EXACT_KEYS.key(plan, [a]) != EXACT_KEYS.key(plan, [small[1:5]])  # the offset
-    assert EXACT_KEYS.key(plan, [a]) == EXACT_KEYS.key(plan, [torch.randn(8)[2:6]])
+    assert EXACT_KEYS.key(roles, [a]) != EXACT_KEYS.key(roles, [b])
+    assert EXACT_KEYS.key(roles, [a]) != EXACT_KEYS.key(roles, [small[1:5]])  # the offset
+    assert EXACT_KEYS.key(roles, [a]) == EXACT_KEYS.key(roles, [torch.randn(8)[2:6]])
 
 
 def test_bucket_key_holds_buckets_not_sizes():
     padder = _padder(X0)
-    plan = _plan(keyed=(0, 1))
+    roles = _roles(keyed=(0, 1))
     w = torch.randn(4, 4)
 
     def key(n):
         keys = call_keys(padder, [torch.randn(n, 4), w])
         assert isinstance(keys, BucketKeys)
-        return keys.key(plan, [torch.randn(n, 4), w])
+        return keys.key(roles, [torch.randn(n, 4), w])
 
     assert key(3) == key(4) == (("pad", (4, 4)), ((4, 4), (4, 1)))
     assert key(5) == key(7) == key(8) != key(4)
@@ -94,11 +94,11 @@ def test_bucket_key_holds_buckets_not_sizes():
 
 def test_size_input_is_keyed_by_its_bucket():
     padder = _padder(X0, size_inputs=(SizeInput(1, X0),))
-    plan = _plan(tensor=(0,), copied=(0,), keyed=(0, 1))
+    roles = _roles(tensor=(0,), copied=(0,), keyed=(0, 1))
     keys = call_keys(padder, [torch.randn(5, 2), 5])
     assert isinstance(keys, BucketKeys)
     assert keys.sizes == {X0: (5, 8)}
-    assert keys.key(plan, [torch.randn(5, 2), 5]) == (("pad", (8, 2)), ("size", 8))
+    assert keys.key(roles, [torch.randn(5, 2), 5]) == (("pad", (8, 2)), ("size", 8))
 
 
 def test_tied_sizes_in_different_buckets_fall_back_to_exact_keys():
@@ -132,18 +132,18 @@ def test_above_the_largest_bucket(above):
 
 
 def test_adopt_reads_parameters_in_place_and_keys_non_tensors():
-    plan = _plan(tensor=(0, 1, 2), copied=(0, 1, 2), keyed=(0,), mutated=(1, 2),
+    roles = _roles(tensor=(0, 1, 2), copied=(0, 1, 2), keyed=(0,), mutated=(1, 2),
                  mutated_copied=(1, 2))
     param = torch.nn.Parameter(torch.randn(3))
-    adopted = plan.adopt([torch.randn(2), param, None])
+    adopted = roles.adopt([torch.randn(2), param, None])
     assert adopted.stable == (1,) and adopted.copied == (0,)
     assert adopted.tensor == (0, 1) and adopted.keyed == (0, 2)
     assert adopted.mutated == (1,) and adopted.mutated_copied == ()
-    assert plan.adopt([torch.randn(2), torch.randn(3), torch.randn(1)]) is plan
+    assert roles.adopt([torch.randn(2), torch.randn(3), torch.randn(1)]) is roles
 
 
 def test_with_split_derives_the_mutated_copies():
-    plan = _plan(tensor=(0, 1, 2), copied=(0, 1), stable=(2,), mutated=(1, 2),
+    roles = _roles(tensor=(0, 1, 2), copied=(0, 1), stable=(2,), mutated=(1, 2),
                  mutated_copied=(1,))
-    moved = plan.with_split(stable=(1,), copied=(0, 2))
+    moved = roles.with_split(stable=(1,), copied=(0, 2))
     assert (moved.stable, moved.copied, moved.mutated_copied) == ((1,), (0, 2), (2,))
