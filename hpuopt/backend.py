@@ -7,7 +7,7 @@ Dynamo hands :func:`hpugraph_backend` one FX graph with example inputs. The back
 3. lowers it with AOTAutograd — forward and backward graphs when training, one inference graph
    otherwise — keeping input mutations in inference graphs;
 4. runs the ``post_aot`` passes on each ATen graph (the split first), and
-5. stands a :class:`~hpuopt.runtime.cache.PieceRunner` in for every static piece, so the
+5. stands a :class:`~hpuopt.runtime.runner.PieceRunner` in for every static piece, so the
    stitching graph replays captured graphs and runs dynamic pieces as is between them.
 """
 

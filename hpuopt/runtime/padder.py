@@ -1,6 +1,6 @@
 """The padded path of a piece: bucketed sizes, bucket-shaped static buffers, loads, slicing.
 
-A piece whose padding plan (``hpuopt.passes.buckets``) proves some dynamic dimensions safe to
+A piece whose padding plan (``hpuopt.passes.bucket_plan``) proves some dynamic dimensions safe to
 pad gets a :class:`Padder`: the signature holds the *bucket* of each padded size instead of the
 size (:class:`hpuopt.runtime.signature.BucketKeys`), static buffers have the bucket's shape, each
 call copies the real rows into the front of the buffer (zeroing the rest when the plan needs

@@ -1,6 +1,6 @@
 """``PaddingAnalysisPass``: the padding analysis as a stand-alone pass, for tests and tools.
 
-It is not part of the pipeline: there ``bucket_plan`` (``hpuopt.passes.buckets``) runs the
+It is not part of the pipeline: there ``bucket_plan`` (``hpuopt.passes.bucket_plan``) runs the
 analysis per static piece.
 """
 
