@@ -178,7 +178,8 @@ def _note(b: GraphBreak) -> DynamoNote:
             f"Dynamo does not trace nn.LSTM / nn.GRU / nn.RNN (torch._dynamo.config.allow_rnn "
             f"is {allowed}), so that module ran uncompiled{times}",
             b.source,
-            fix="set torch._dynamo.config.allow_rnn = True before the first call",
+            fix="set torch._dynamo.config.allow_rnn = True before the first call (Dynamo "
+            "remembers the code it skipped: after a call, also run torch._dynamo.reset())",
             link=link("dynamo"),
         )
     if "data-dependent expression" in text or "data dependent expression" in text:

@@ -42,8 +42,8 @@ class Cost:
     """The split reason (``data_dependent_shape``...), ``fallback`` or ``padding``."""
     pieces: tuple[str, ...] = ()
     """The pieces it applies to (``g0.inference.submod_1``)."""
-    graphs: int = 0
-    """For ``not padded``: the graphs held because each size is captured on its own."""
+    captures: int = 0
+    """For ``not padded``: the captures made because each size is captured on its own."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,8 @@ class Summary:
     device_graphs: int
     """Device graphs held now, over every captured piece."""
     held_bytes: int
+    evictions: int
+    """Graphs dropped by ``max_graphs`` / ``max_graph_bytes`` (each miss after is a capture)."""
     piece_runs: int
     """Runs of all pieces (each call runs every piece of its graph once)."""
     replays: int
@@ -88,6 +90,7 @@ def summarize(report: ExplainReport) -> Summary:
             1 for p in captured for k in p.graphs if not k.endswith("(uncaptured)")
         ),
         held_bytes=sum(p.held_bytes for p in captured),
+        evictions=sum(p.evictions for p in captured),
         piece_runs=sum(p.calls for p in pieces),
         replays=sum(p.replays for p in captured),
         uncaptured_runs=sum(p.uncaptured_runs for p in pieces),
@@ -116,7 +119,7 @@ def _costs(report: ExplainReport) -> tuple[Cost, ...]:
                 old,
                 calls=old.calls + cost.calls,
                 pieces=old.pieces + cost.pieces,
-                graphs=old.graphs + cost.graphs,
+                captures=old.captures + cost.captures,
             )
         found[key] = cost
 
@@ -162,7 +165,7 @@ def _piece_costs(p: PieceReport, name: str) -> list[tuple[tuple, Cost]]:
             ("not padded", f.source_line or f.op),
             Cost("not padded", p.calls, f"captured once per exact size: {b}",
                  short_source(f.source_line), wording.NOT_PADDED_FIX, link("not_padded"),
-                 "padding", (name,), graphs=len(p.graphs)),
+                 "padding", (name,), captures=p.misses),
         ))
     return out
 
@@ -184,6 +187,16 @@ def _recompile_notes(report: ExplainReport) -> tuple[DynamoNote, ...]:
             f"{sizes} changed, Dynamo compiled graph {varying[0].index} with it varying",
             fix="torch._dynamo.mark_dynamic(x, 0) before the first call, or "
             "hpuopt.compile(model, dynamic=True), makes the first graph serve every size",
+            link=link("recompiles"),
+        ),)
+    if varying and fixed and fixed[-1].index > varying[0].index:
+        return (DynamoNote(
+            "recompiled",
+            f"graph {fixed[-1].index} has fixed sizes although graph {varying[0].index} lets "
+            f"{', '.join(varying[0].dynamic_inputs)} vary: Dynamo compiles a size of 0 or 1 as a "
+            "graph of its own, and a new graph whenever another guard fails",
+            fix="expected for batch 1; otherwise run with TORCH_LOGS=recompiles to see which "
+            "guard failed",
             link=link("recompiles"),
         ),)
     return (DynamoNote(
@@ -232,7 +245,9 @@ def _numbers(s: Summary, scope: str) -> list[str]:
     process = " (whole process)" if scope == "model" else ""
     lines = [
         f"  held:       {plural(s.device_graphs, 'device graph')}, {nbytes(s.held_bytes)}, in "
-        f"{plural(s.captured_pieces, 'captured piece')}",
+        f"{plural(s.captured_pieces, 'captured piece')}"
+        + (f"; {s.evictions} evicted by max_graphs / max_graph_bytes ({link('memory')})"
+           if s.evictions else ""),
         f"  replayed:   {s.replays} of {s.piece_runs} piece runs"
         + (f" ({s.replays / s.piece_runs:.0%})" if s.piece_runs else ""),
     ]
@@ -244,16 +259,18 @@ def _numbers(s: Summary, scope: str) -> list[str]:
     detail = f" ({', '.join(parts)})" if s.uncaptured_runs else ""
     lines.append(f"  uncaptured: {s.uncaptured_runs} piece runs{detail}")
     if s.padded_pieces or s.exact_pieces:
-        pad = [f"{plural(s.padded_pieces, 'piece pads', 'pieces pad')} to buckets"]
+        pad = []
+        if s.padded_pieces:
+            pad.append(f"{plural(s.padded_pieces, 'piece pads', 'pieces pad')} to buckets")
         if s.exact_pieces:
-            pad.append(f"{s.exact_pieces} captured per exact size")
+            pad.append(f"{plural(s.exact_pieces, 'piece')} captured per exact size instead")
         if s.pad_waste is not None:
             pad.append(f"{s.pad_waste:.0%} of padded input elements were padding{process}")
         lines.append(f"  padding:    {'; '.join(pad)}")
     lines.append(f"  compile:    {s.compile_seconds:.2f}s in hpuopt (passes, AOTAutograd, runners)")
     if s.stale_outputs:
         lines.append(
-            f"  stale:      {s.stale_outputs} outputs overwritten while still referenced "
+            f"  stale:      {plural(s.stale_outputs, 'output')} overwritten while still referenced "
             f"(clone_outputs=False){process} ({link('stale')})"
         )
     if "cpu" in s.runtimes:
@@ -267,7 +284,7 @@ def _numbers(s: Summary, scope: str) -> list[str]:
 def _cost_lines(i: int, c: Cost) -> list[str]:
     counts = plural(c.calls, "call")
     if c.kind == "not padded":
-        counts += f", {plural(c.graphs, 'graph')}"
+        counts += f", {plural(c.captures, 'capture')}"
     lines = _wrap(f"{i}. {c.kind} ({counts}): {c.what}", 2, 5)
     if c.source:
         lines.append(f"       at {c.source}")

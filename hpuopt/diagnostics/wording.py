@@ -163,9 +163,8 @@ def describe_fallback(reason: str) -> tuple[str, str]:
     what = reason.replace("cannot run inside a device graph: ", "")
     return (
         f"capture failed: {what}",
-        f"rewrite without the host dependency, or split the op out with "
-        f"dynamic_ops=[{name}] so the rest of the piece is captured (and keep the split pass "
-        f"enabled: not in disable_passes)",
+        f"rewrite without the host dependency, or split the op out with dynamic_ops=[{name}] "
+        f"(the split pass must be on) so the rest of the piece is captured",
     )
 
 
