@@ -71,12 +71,14 @@ def what_times_mean(device: str) -> tuple[str, str]:
         )
     return (
         f"TokenRouter on {device}: per-call time with device graphs",
-        f"on {device} a replay launches each captured piece as one graph: "
-        "the gap below eager is the launch time saved",
+        f"on {device} a replay launches each captured piece as one graph instead of op by op: "
+        "the gap to eager is the launch and Python time saved (or, if above, hpuopt's cost)",
     )
 
 
-def plot_times(rows: list[tuple[int, float, float]], path: Path, device: str = "cpu") -> Path | None:
+def plot_times(
+    rows: list[tuple[int, float, float]], path: Path, device: str = "cpu"
+) -> Path | None:
     """Per-call time by batch size, eager against hpuopt, as a PNG; None without matplotlib."""
     try:
         import matplotlib
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(batch, 64, device=device)
             kept = int(model.keep(model.norm(model.encoder(x) + x)).sum())
             t = _common.time_rows(
-                {"eager": timed(lambda: model(x)), "hpuopt": timed(lambda: compiled(x))},
+                {"eager": timed(lambda x=x: model(x)), "hpuopt": timed(lambda x=x: compiled(x))},
                 warmup=3, repeats=repeats, number=number,
             )
             if device == "cpu":  # one thread: CPU time is the steadier measure

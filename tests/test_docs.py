@@ -431,7 +431,9 @@ def _scripts_named(context: str, scripts: dict[str, Path]) -> list[str]:
             named.append(rel)
     for d in SCRIPT_DIRS:
         if re.search(r"`" + re.escape(d) + r"/`", context):
-            named.extend(r for r in scripts if r.startswith(d + "/") and not Path(r).name.startswith("_"))
+            named.extend(
+                r for r in scripts if r.startswith(d + "/") and not Path(r).name.startswith("_")
+            )
     return list(dict.fromkeys(named))
 
 
@@ -484,7 +486,7 @@ def test_make_commands_name_real_targets(page):
     for target, variables in makes:
         assert target in targets, f"{_rel(page)} runs `make {target}`: no such Makefile target"
         for var in variables:
-            assert f"$({var})" in text, f"{_rel(page)} sets {var} for make: the Makefile never reads it"
+            assert f"$({var})" in text, f"{_rel(page)} sets {var} for make: the Makefile ignores it"
 
 
 def test_flag_parser_catches_a_missing_flag(tmp_path):
@@ -553,7 +555,7 @@ def test_counter_parser_finds_table_attribute_and_expect_names():
 def test_pages_name_only_real_counters(page):
     _, allowed = _counter_names()
     unknown = counters_named(page.read_text()) - allowed
-    assert not unknown, f"{_rel(page)} names counters hpuopt.counters does not have: {sorted(unknown)}"
+    assert not unknown, f"{_rel(page)} names counters that do not exist: {sorted(unknown)}"
 
 
 def test_user_guide_counter_table_lists_every_counter():
@@ -583,7 +585,8 @@ def anchors(page: Path) -> set[str]:
 
 @pytest.mark.parametrize("page", all_pages(), ids=_rel)
 def test_section_links_resolve(page):
-    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", _FENCE.sub("", page.read_text())):
+    prose = _FENCE.sub("", page.read_text())
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", prose):
         if "://" in target:
             continue
         dest = (page.parent / target) if target else page
@@ -644,7 +647,8 @@ def missing_lines(expected: str, printed: str) -> list[str]:
 
 def test_missing_lines_ignores_numbers_and_honours_ellipses():
     printed = "hpuopt: 2 Dynamo graphs, called 18 times\n  held: 14 graphs, 65.1 KiB\n"
-    assert missing_lines("hpuopt: 3 Dynamo graphs, called 9 times\n  held: ... KiB\n", printed) == []
+    shown = "hpuopt: 3 Dynamo graphs, called 9 times\n  held: ... KiB\n"
+    assert missing_lines(shown, printed) == []
     assert missing_lines("  held: 14 graphs, 1 MiB\n", printed) == ["  held: 14 graphs, 1 MiB"]
 
 
@@ -687,9 +691,8 @@ def test_snippet_runs_and_prints_what_the_page_shows(source, expected, tmp_path)
 
 def test_troubleshooting_has_a_snippet_per_symptom():
     text = TROUBLESHOOTING.read_text()
-    sections = re.split(r"^## ", _FENCE.sub(lambda m: m.group(0).replace("## ", "#\u200b# "), text), flags=re.M)[1:]
-    for section in sections:
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
         title = section.splitlines()[0]
         if title == "Dynamo recompiles":
             continue  # causes listed; the snippets of "too many graphs" show one
-        assert "```python" in section, f"troubleshooting.md: section {title!r} has no runnable snippet"
+        assert "```python" in section, f"troubleshooting.md: {title!r} has no runnable snippet"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from hpuopt.diagnostics.wording import link, short_source
@@ -129,7 +130,9 @@ def _parse(text: str, source: str | None = None) -> GraphBreak:
     """Dynamo's break message: a first line, then ``Explanation:`` and ``Hint:`` lines."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     first = lines[0] if lines else text.strip()
-    explanation = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Explanation:")), "")
+    explanation = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Explanation:")), ""
+    )
     hints = tuple(
         ln.split(":", 1)[1].strip()
         for ln in lines
@@ -210,6 +213,47 @@ def _note(b: GraphBreak) -> DynamoNote:
         + "; the code on each side is compiled as its own graph, that line runs in Python",
         link=link("dynamo"),
     )
+
+
+# -- recompiles -------------------------------------------------------------------------------
+
+
+def recompile_notes(
+    graphs: Sequence[Any], breaks: Sequence[DynamoNote]
+) -> tuple[DynamoNote, ...]:
+    """Why a model holds several Dynamo graphs, when graph breaks do not explain it: read from
+    which graphs let an input size vary (``GraphReport.dynamic_inputs``)."""
+    if len(graphs) < 2 or any(n.kind == "graph_break" for n in breaks):
+        return ()
+    fixed = [g for g in graphs if not g.dynamic_inputs]
+    varying = [g for g in graphs if g.dynamic_inputs]
+    if fixed and varying and fixed[0].index < varying[0].index:
+        sizes = ", ".join(varying[0].dynamic_inputs)
+        return (DynamoNote(
+            "recompiled",
+            f"graph {fixed[0].index} was compiled for the exact sizes of the first call; when "
+            f"{sizes} changed, Dynamo compiled graph {varying[0].index} with it varying",
+            fix="torch._dynamo.mark_dynamic(x, 0) before the first call, or "
+            "hpuopt.compile(model, dynamic=True), makes the first graph serve every size",
+            link=link("recompiles"),
+        ),)
+    if varying and fixed and fixed[-1].index > varying[0].index:
+        return (DynamoNote(
+            "recompiled",
+            f"graph {fixed[-1].index} has fixed sizes although graph {varying[0].index} lets "
+            f"{', '.join(varying[0].dynamic_inputs)} vary: Dynamo compiles a size of 0 or 1 as a "
+            "graph of its own, and a new graph whenever another guard fails",
+            fix="expected for batch 1; otherwise run with TORCH_LOGS=recompiles to see which "
+            "guard failed",
+            link=link("recompiles"),
+        ),)
+    return (DynamoNote(
+        "recompiled",
+        f"Dynamo compiled {len(graphs)} graphs: a new one each time a guard failed (a new "
+        "shape, Python value, branch, dtype or train/eval mode)",
+        fix="run with TORCH_LOGS=recompiles to see which guard failed",
+        link=link("recompiles"),
+    ),)
 
 
 def _allow_rnn() -> bool | None:

@@ -205,7 +205,8 @@ class ExplainReport:
     graphs: tuple[GraphReport, ...]
     counters: Counters
     dynamo: tuple[dynamo.DynamoNote, ...] = ()
-    """What Dynamo did before hpuopt saw a graph: graph breaks, a model it compiled nothing of."""
+    """What Dynamo did before hpuopt saw a graph: graph breaks, a model it compiled nothing of,
+    recompiles."""
     scope: str = "process"
     """``"process"`` for ``hpuopt.explain()``, ``"model"`` for a model's own report (the
     counters are process-wide either way)."""
@@ -234,6 +235,7 @@ def explain(session: Session | None = None) -> ExplainReport:
     graphs = tuple(_graph_report(g) for g in list(session.graphs))
     try:
         notes = dynamo.notes(session.dynamo_mark.breaks_since(), len(graphs))
+        notes += dynamo.recompile_notes(graphs, notes)
     except Exception:  # noqa: BLE001 - explain() never raises over Dynamo's internals
         log.debug("no Dynamo notes", exc_info=True)
         notes = ()
@@ -245,13 +247,16 @@ def _graph_report(g: GraphRecord) -> GraphReport:
     for a in g.aot_graphs:
         names = SizeNames(a.module)
         padding = {
-            f.piece: f.plan for f in a.findings.get("bucket_plan", ()) if isinstance(f, PiecePadding)
+            f.piece: f.plan
+            for f in a.findings.get("bucket_plan", ())
+            if isinstance(f, PiecePadding)
         }
         pieces = [_piece_report(p, padding.get(p.info.name), names) for p in a.pieces]
         counted = [p.calls for p in pieces if p.captured]
         calls = max(counted) if counted else None
+        runs = calls or 0  # a piece that runs as is runs on every call of its graph
         pieces = [
-            p if p.captured else dataclasses.replace(p, calls=calls or 0, uncaptured_runs=calls or 0)
+            p if p.captured else dataclasses.replace(p, calls=runs, uncaptured_runs=runs)
             for p in pieces
         ]
         steps = tuple(m.reason for m in a.findings.get("mark_step", ()))
@@ -384,7 +389,8 @@ def _render_graph(g: GraphReport) -> list[str]:
 
 def _render_captured(p: PieceReport) -> list[str]:
     lines = [
-        f"    [graph] {p.name}: {wording.plural(p.num_nodes, 'op')}; {wording.describe_keys(p.graphs)}; "
+        f"    [graph] {p.name}: {wording.plural(p.num_nodes, 'op')}; "
+        f"{wording.describe_keys(p.graphs)}; "
         f"replays {p.replays}, hits {p.hits}, misses {p.misses}, evictions {p.evictions}, "
         f"{wording.nbytes(p.held_bytes)}",
         f"        inputs: {p.inputs_in_place} read in place, {p.inputs_copied} copied per call",

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def source_name(source: Any) -> str:
-    """``L['x'].size()[0]`` -> ``x dim 0``; ``L['self']._modules['enc'].weight`` -> ``self.enc.weight``."""
+    """A Dynamo source in the user's words: ``L['x'].size()[0]`` -> ``x dim 0``,
+    ``L['self']._modules['enc'].weight`` -> ``self.enc.weight``."""
     name = source.name() if callable(getattr(source, "name", None)) else str(source.name)
     name = re.sub(r"\b[LG]\['([^']+)'\]", r"\1", name)
     name = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", name)

@@ -101,7 +101,7 @@ def summarize(report: ExplainReport) -> Summary:
         compile_seconds=sum(g.compile_seconds for g in report.graphs),
         runtimes=tuple(dict.fromkeys(a.runtime for g in report.graphs for a in g.aot_graphs)),
         costs=_costs(report),
-        dynamo=tuple(report.dynamo) + _recompile_notes(report),
+        dynamo=tuple(report.dynamo),
         stale_outputs=c.stale_outputs,
     )
 
@@ -168,44 +168,6 @@ def _piece_costs(p: PieceReport, name: str) -> list[tuple[tuple, Cost]]:
                  "padding", (name,), captures=p.misses),
         ))
     return out
-
-
-# -- Dynamo recompiles ------------------------------------------------------------------------
-
-
-def _recompile_notes(report: ExplainReport) -> tuple[DynamoNote, ...]:
-    graphs = report.graphs
-    if len(graphs) < 2 or any(n.kind == "graph_break" for n in report.dynamo):
-        return ()
-    fixed = [g for g in graphs if not g.dynamic_inputs]
-    varying = [g for g in graphs if g.dynamic_inputs]
-    if fixed and varying and fixed[0].index < varying[0].index:
-        sizes = ", ".join(varying[0].dynamic_inputs)
-        return (DynamoNote(
-            "recompiled",
-            f"graph {fixed[0].index} was compiled for the exact sizes of the first call; when "
-            f"{sizes} changed, Dynamo compiled graph {varying[0].index} with it varying",
-            fix="torch._dynamo.mark_dynamic(x, 0) before the first call, or "
-            "hpuopt.compile(model, dynamic=True), makes the first graph serve every size",
-            link=link("recompiles"),
-        ),)
-    if varying and fixed and fixed[-1].index > varying[0].index:
-        return (DynamoNote(
-            "recompiled",
-            f"graph {fixed[-1].index} has fixed sizes although graph {varying[0].index} lets "
-            f"{', '.join(varying[0].dynamic_inputs)} vary: Dynamo compiles a size of 0 or 1 as a "
-            "graph of its own, and a new graph whenever another guard fails",
-            fix="expected for batch 1; otherwise run with TORCH_LOGS=recompiles to see which "
-            "guard failed",
-            link=link("recompiles"),
-        ),)
-    return (DynamoNote(
-        "recompiled",
-        f"Dynamo compiled {len(graphs)} graphs: a new one each time a guard failed (a new "
-        "shape, Python value, branch, dtype or train/eval mode)",
-        fix="run with TORCH_LOGS=recompiles to see which guard failed",
-        link=link("recompiles"),
-    ),)
 
 
 # -- the text ---------------------------------------------------------------------------------

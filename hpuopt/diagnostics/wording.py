@@ -110,7 +110,7 @@ def describe_split(r: SplitReason) -> str:
     if r.reason == "host_tensor":
         return f"`{short_op(r.op)}` makes a CPU tensor inside a model that runs on a device"
     if r.reason == "collective":
-        return f"`{short_op(r.op)}` is a collective: it runs once per call, in step with the other ranks"
+        return f"`{short_op(r.op)}` is a collective: it runs once per call, with the other ranks"
     if r.reason == "host_scalar":
         return "shape arithmetic on the host"
     return f"`{short_op(r.op)}`: {r.detail}"
@@ -144,11 +144,15 @@ def describe_fallback(reason: str) -> tuple[str, str]:
     """``(what happened, what to do)`` for the reason a static piece ran uncaptured."""
     low = reason.lower()
     if "capture=false" in low:
-        return "capture is turned off (capture=False)", "drop capture=False once you are done bisecting"
+        return (
+            "capture is turned off (capture=False)",
+            "drop capture=False once you are done bisecting",
+        )
     if "above the largest bucket" in low:
         return (
             "an input size above the largest bucket runs uncaptured (above_largest=\"uncaptured\")",
-            "raise max_bucket or add a larger entry to bucket_sizes, or set above_largest=\"exact\"",
+            "raise max_bucket or add a larger entry to bucket_sizes, "
+            "or set above_largest=\"exact\"",
         )
     if "out of memory" in low:
         return (
@@ -178,7 +182,7 @@ def describe_unsafe(op: str, why: str, dim: str | None) -> str:
     """Why a piece is captured per exact size: the op and the reason, the piece's internal
     ``(input i dim d)`` replaced by the user's name for that size."""
     text = _PLACE.sub(f" ({dim})" if dim else "", why)
-    return f"`{short_op(op)}`: {text}"
+    return f"{text} (`{short_op(op)}`)"
 
 
 NOT_PADDED_FIX = (
@@ -206,7 +210,9 @@ def describe_keys(keys: tuple[str, ...], limit: int = 6) -> str:
         groups.setdefault(label, []).append(shape)
     parts = []
     for label, shapes in groups.items():
-        shown = ", ".join(shapes[:limit]) + (f", ... {len(shapes) - limit} more" if len(shapes) > limit else "")
+        shown = ", ".join(shapes[:limit])
+        if len(shapes) > limit:
+            shown += f", ... {len(shapes) - limit} more"
         parts.append(f"{label} {shown}".strip())
     return f"{head} ({'; '.join(parts)})"
 
