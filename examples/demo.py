@@ -99,7 +99,7 @@ def plot_times(
     ax.set_ylabel("per-call CPU time (us)" if device == "cpu" else "per-call wall time (us)")
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.text(0.5, 0.01, textwrap.fill(reading, 90), ha="center", va="bottom", fontsize=8,
              style="italic")
