@@ -10,7 +10,19 @@
   for a pass that is not in the registry, and each page names its class, stage and how to
   disable it;
 * every ``python`` code block in these pages is valid Python;
-* every pass name a page gives to ``disable_passes`` is a real pass.
+* every pass name a page gives to ``disable_passes`` is a real pass;
+* every command a page shows is real: ``python <script> --flag ...`` names a script that exists
+  and flags its argparse parser defines, ``make <target> VAR=...`` a Makefile target and
+  variable, and a ``--flag`` mentioned on its own exists in the scripts its paragraph (or
+  section heading) names — every script of a directory it names, like ``examples/`` — or, when it
+  names none, in some script of the repository;
+* every counter a page names (the counter table, ``counters.<name>``,
+  ``counters.expect(<name>=...)``) is a field of ``hpuopt.counters``, and the user guide's counter
+  table lists every field;
+* every ``python`` block followed directly by a ``text`` block runs (as ``model.py`` in a fresh
+  directory) and prints every line of that block (numbers may differ; ``...`` matches anything);
+* every link to a section (``page.md#anchor``) finds that heading, and every troubleshooting
+  section ``explain()`` links to exists.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from hpuopt.pipeline import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_GUIDE = ROOT / "docs" / "user_guide.md"
+DOCS = ROOT / "docs"
 PASS_DIR = ROOT / "docs" / "passes"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 
@@ -49,6 +62,13 @@ def doc_pages() -> list[Path]:
     if TROUBLESHOOTING.exists():
         pages.append(TROUBLESHOOTING)
     return pages
+
+
+def all_pages() -> list[Path]:
+    """Every page a user may read: the option checks' pages, the rest of ``docs/`` and the
+    benchmarks' README (commands, flags and counters are checked on all of them)."""
+    pages = [*doc_pages(), *sorted(DOCS.glob("*.md")), ROOT / "benchmarks" / "README.md"]
+    return list(dict.fromkeys(p for p in pages if p.exists()))
 
 
 def _rel(path: Path) -> str:
@@ -298,3 +318,381 @@ def test_user_guide_links_resolve():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{_rel(page)} links to missing {target}"
+
+
+# -- commands: scripts, flags, make targets ---------------------------------------------------
+
+SCRIPT_DIRS = ("examples", "benchmarks", ".ci")
+# A documented flag a script does not have, left in a page this project does not edit here; each
+# entry must still be needed (the test fails once the page is fixed, so the entry goes too).
+KNOWN_FLAG_DRIFT = {
+    ("benchmarks/README.md", "--breakdown"): (
+        "overhead.py and optimizer.py take --no-breakdown (the breakdown is on by default), "
+        "not --breakdown"
+    ),
+}
+# Commands of other tools whose flags are not ours.
+FOREIGN_COMMANDS = ("pip", "pytest", "torchrun", "git", "TORCH_LOGS", "apt", "uv ", "conda")
+
+
+def repo_scripts() -> dict[str, Path]:
+    """Every script of the repository, by its path relative to the root."""
+    out = {}
+    for d in SCRIPT_DIRS:
+        for path in sorted((ROOT / d).glob("*.py")):
+            out[_rel(path)] = path
+    return out
+
+
+def script_flags(path: Path) -> set[str] | None:
+    """The option strings of a script's argparse parser, read from its ``add_argument`` calls;
+    None for a script without a parser (a helper module)."""
+    tree = ast.parse(path.read_text())
+    flags: set[str] = set()
+    parser = False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if name == "ArgumentParser":
+                parser = True
+            if name == "add_argument":
+                for arg in node.args:
+                    assert isinstance(arg, ast.Constant), f"{_rel(path)}: a computed option name"
+                    if isinstance(arg.value, str) and arg.value.startswith("-"):
+                        flags.add(arg.value)
+    return flags | {"-h", "--help"} if parser else None
+
+
+def _code_spans(text: str) -> list[tuple[str, str]]:
+    """``(context, code)`` for every piece of code a page shows: each line of a fenced block
+    that is not Python, and each inline code span. ``context`` is the paragraph around an
+    inline span (or the text before a block) plus the section heading above it."""
+    out = []
+    heading = ""
+    pos = 0
+    for m in _FENCE.finditer(text):
+        out.extend(_inline_spans(text[pos:m.start()], heading))
+        heading = _last_heading(text[:m.start()]) or heading
+        lang, body = m.group(1).strip().lower(), m.group(2)
+        if lang not in ("python", "py", "pycon"):
+            before = text[:m.start()].rstrip().split("\n\n")[-1]
+            lines = [re.sub(r"(^|\s)#.*$", "", line) for line in body.splitlines()]
+            out.extend((f"{heading}\n{before}", line) for line in lines if line.strip())
+        pos = m.end()
+    out.extend(_inline_spans(text[pos:], heading))
+    return out
+
+
+def _last_heading(text: str) -> str | None:
+    found = re.findall(r"^#+ .*$", text, re.M)
+    return found[-1] if found else None
+
+
+def _inline_spans(prose: str, heading: str) -> list[tuple[str, str]]:
+    out = []
+    for para in re.split(r"\n\s*\n", prose):
+        head = _last_heading(prose[: prose.find(para)]) or heading
+        for code in re.findall(r"`([^`\n]+)`", para):
+            out.append((f"{head}\n{para}", code))
+    return out
+
+
+_INVOCATION = re.compile(
+    r"(?:^|[\s;(])(?:\$\(PY\)|\$\(GPU_PYTHON\)|python[0-9.]*)\s+((?:[\w.-]+/)*[\w-]+\.py)"
+    r"((?:[ \t]+(?!#)[^\s`#|;&)]+)*)"
+)
+_MAKE = re.compile(r"(?:^|[\s;(])make\s+([a-z][\w-]*)((?:[ \t]+[A-Z_]+=\S*)*)")
+_FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+
+
+def commands(page: Path) -> tuple[list, list, list]:
+    """``(invocations, make calls, loose flags)`` shown on a page."""
+    invocations, makes, loose = [], [], []
+    for context, code in _code_spans(page.read_text()):
+        if any(cmd in code for cmd in FOREIGN_COMMANDS):
+            continue
+        covered = []
+        for m in _INVOCATION.finditer(code):
+            invocations.append((m.group(1), m.group(2).split()))
+            covered.append(m.span())
+        for m in _MAKE.finditer(code):
+            makes.append((m.group(1), re.findall(r"([A-Z_]+)=", m.group(2))))
+        for m in _FLAG.finditer(code):
+            if not any(a <= m.start() < b for a, b in covered):
+                loose.append((m.group(1), context))
+    return invocations, makes, loose
+
+
+def _scripts_named(context: str, scripts: dict[str, Path]) -> list[str]:
+    """The scripts a paragraph names: by path, by file name, or all of a directory it names."""
+    named = []
+    for rel in scripts:
+        if rel in context or re.search(r"(?<![\w/])" + re.escape(Path(rel).name), context):
+            named.append(rel)
+    for d in SCRIPT_DIRS:
+        if re.search(r"`" + re.escape(d) + r"/`", context):
+            named.extend(
+                r for r in scripts if r.startswith(d + "/") and not Path(r).name.startswith("_")
+            )
+    return list(dict.fromkeys(named))
+
+
+def flag_problems(page: Path) -> list[str]:
+    scripts = repo_scripts()
+    flags = {rel: script_flags(path) for rel, path in scripts.items()}
+    invocations, _, loose = commands(page)
+    problems = []
+    for script, args in invocations:
+        if script not in scripts:
+            problems.append(f"runs {script}, which does not exist")
+            continue
+        known = flags[script] or {"-h", "--help"}
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("-") and flag not in known:
+                problems.append(f"runs {script} with {flag}, which it does not take")
+    everything = set().union(*(f for f in flags.values() if f))
+    for flag, context in loose:
+        with_parser = [r for r in _scripts_named(context, scripts) if flags[r]]
+        if with_parser:
+            lacking = [r for r in with_parser if flag not in flags[r]]
+            if lacking:
+                problems.append(f"names {flag}, which {', '.join(lacking)} does not take")
+        elif flag not in everything:
+            problems.append(f"names {flag}, which no script takes")
+    return list(dict.fromkeys(problems))
+
+
+def makefile_targets() -> tuple[set[str], str]:
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][\w-]*):", text, re.M)), text
+
+
+@pytest.mark.parametrize("page", all_pages(), ids=_rel)
+def test_commands_name_real_scripts_and_flags(page):
+    problems = flag_problems(page)
+    for (where, flag), why in KNOWN_FLAG_DRIFT.items():
+        if where == _rel(page):
+            matching = [p for p in problems if f" {flag}," in p]
+            assert matching, f"{where}: the known drift of {flag} ({why}) is fixed: drop the entry"
+            problems = [p for p in problems if p not in matching]
+    assert not problems, f"{_rel(page)}: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize("page", all_pages(), ids=_rel)
+def test_make_commands_name_real_targets(page):
+    targets, text = makefile_targets()
+    _, makes, _ = commands(page)
+    for target, variables in makes:
+        assert target in targets, f"{_rel(page)} runs `make {target}`: no such Makefile target"
+        for var in variables:
+            assert f"$({var})" in text, f"{_rel(page)} sets {var} for make: the Makefile ignores it"
+
+
+def test_flag_parser_catches_a_missing_flag(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Run `python examples/demo.py --no-such-flag` or\n\n"
+        "```bash\npython benchmarks/overhead.py --quick --bogus 3   # a comment --ignored\n"
+        "python examples/missing.py\nmake no-such-target DRY_RUN=1\n```\n\n"
+        "Every script in `examples/` has `--quick`.\n\n"
+        "The demo (`examples/demo.py`) takes `--device` and `--nonsense`.\n"
+    )
+    problems = flag_problems(page)
+    assert any("demo.py with --no-such-flag" in p for p in problems), problems
+    assert any("overhead.py with --bogus" in p for p in problems), problems
+    assert not any("--quick" in p and "overhead" in p for p in problems), problems
+    assert any("examples/missing.py, which does not exist" in p for p in problems), problems
+    assert any("--quick, which" in p and "mnist_training" in p for p in problems), problems
+    assert any("--nonsense, which examples/demo.py" in p for p in problems), problems
+    assert not any("--device" in p for p in problems), problems
+    assert not any("--ignored" in p for p in problems), problems
+    _, makes, _ = commands(page)
+    assert ("no-such-target", ["DRY_RUN"]) in makes
+
+
+def test_every_example_takes_short_as_the_user_guide_says():
+    for rel, path in repo_scripts().items():
+        if rel.startswith("examples/") and not path.name.startswith("_"):
+            assert "--short" in (script_flags(path) or set()), f"{rel} lacks --short"
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+
+def _counter_names() -> tuple[set[str], set[str]]:
+    from hpuopt.diagnostics.counters import Counters
+
+    fields = {f.name for f in dataclasses.fields(Counters)}
+    members = {n for n in dir(Counters) if not n.startswith("_")}
+    return fields, fields | members
+
+
+def counters_named(text: str) -> set[str]:
+    """Counter names a page uses: the counter table's first column, ``counters.<name>`` and the
+    keywords of ``counters.expect(...)``."""
+    names = set()
+    for header, rows in tables(text):
+        if header and header[0].lower() == "counter":
+            for row in rows:
+                names |= set(re.findall(r"`([^`]+)`", row[0]))
+    names |= set(re.findall(r"\bcounters\.([A-Za-z_]\w*)", text))
+    for m in re.finditer(r"\bcounters\.expect\(([^)]*)\)", text):
+        names |= set(re.findall(r"(\w+)\s*=", m.group(1)))
+    return names
+
+
+def test_counter_parser_finds_table_attribute_and_expect_names():
+    text = (
+        "| counter | counts |\n| --- | --- |\n| `replays`, `bogus_a` | x |\n\n"
+        "`hpuopt.counters.bogus_b` and `counters.expect(bogus_c=1, replays=2)`\n"
+    )
+    _, allowed = _counter_names()
+    assert counters_named(text) - allowed == {"bogus_a", "bogus_b", "bogus_c"}
+
+
+@pytest.mark.parametrize("page", all_pages(), ids=_rel)
+def test_pages_name_only_real_counters(page):
+    _, allowed = _counter_names()
+    unknown = counters_named(page.read_text()) - allowed
+    assert not unknown, f"{_rel(page)} names counters that do not exist: {sorted(unknown)}"
+
+
+def test_user_guide_counter_table_lists_every_counter():
+    fields, _ = _counter_names()
+    listed = set()
+    for header, rows in tables(USER_GUIDE.read_text()):
+        if header and header[0].lower() == "counter":
+            for row in rows:
+                listed |= set(re.findall(r"`([^`]+)`", row[0]))
+    assert fields <= listed, f"the user guide's counter table lacks {sorted(fields - listed)}"
+
+
+# -- links to sections ------------------------------------------------------------------------
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading."""
+    text = heading.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    prose = _FENCE.sub("", page.read_text())
+    return {slug(h) for h in re.findall(r"^#+ (.*)$", prose, re.M)}
+
+
+@pytest.mark.parametrize("page", all_pages(), ids=_rel)
+def test_section_links_resolve(page):
+    prose = _FENCE.sub("", page.read_text())
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", prose):
+        if "://" in target:
+            continue
+        dest = (page.parent / target) if target else page
+        assert dest.exists(), f"{_rel(page)} links to missing {target}"
+        assert anchor in anchors(dest), f"{_rel(page)} links to {target}#{anchor}: no such section"
+
+
+def test_explain_links_only_to_real_troubleshooting_sections():
+    from hpuopt.diagnostics import wording
+
+    assert wording.TROUBLESHOOTING == _rel(TROUBLESHOOTING)
+    missing = set(wording.TOPICS.values()) - anchors(TROUBLESHOOTING)
+    assert not missing, f"explain() links to sections troubleshooting.md lacks: {sorted(missing)}"
+
+
+# -- snippets and what they print -------------------------------------------------------------
+
+
+def snippets_with_output(text: str) -> list[tuple[str, str]]:
+    """``(python, expected text)`` for every python block followed directly by a text block
+    (nothing between them but, at most, a line saying it ``prints``)."""
+    blocks = list(_FENCE.finditer(text))
+    out = []
+    for m, nxt in zip(blocks, blocks[1:]):
+        between = text[m.end():nxt.start()].strip()
+        if (
+            m.group(1).strip().lower() in ("python", "py")
+            and nxt.group(1).strip().lower() == "text"
+            and (not between or re.fullmatch(r"prints[^\n]{0,40}", between))
+        ):
+            out.append((m.group(2), nxt.group(2)))
+    return out
+
+
+def _all_snippets() -> list:
+    params = []
+    for page in all_pages():
+        for i, (source, expected) in enumerate(snippets_with_output(page.read_text())):
+            params.append(pytest.param(source, expected, id=f"{_rel(page)}-{i}"))
+    return params
+
+
+def _normalise(line: str) -> str:
+    return re.sub(r"\d+(?:\.\d+)?", "#", line.rstrip())
+
+
+def missing_lines(expected: str, printed: str) -> list[str]:
+    got = [_normalise(ln) for ln in printed.splitlines()]
+    missing = []
+    for line in expected.splitlines():
+        if not line.strip():
+            continue
+        pattern = ".*".join(re.escape(part) for part in _normalise(line).split("..."))
+        if not any(re.fullmatch(pattern, g) for g in got):
+            missing.append(line)
+    return missing
+
+
+def test_missing_lines_ignores_numbers_and_honours_ellipses():
+    printed = "hpuopt: 2 Dynamo graphs, called 18 times\n  held: 14 graphs, 65.1 KiB\n"
+    shown = "hpuopt: 3 Dynamo graphs, called 9 times\n  held: ... KiB\n"
+    assert missing_lines(shown, printed) == []
+    assert missing_lines("  held: 14 graphs, 1 MiB\n", printed) == ["  held: 14 graphs, 1 MiB"]
+
+
+def run_snippet(source: str, directory: Path) -> str:
+    """Runs ``source`` as ``model.py`` in ``directory`` (its working directory), in this process,
+    and returns what it printed. Dynamo's config is restored after."""
+    import contextlib
+    import io
+    import os
+    import runpy
+
+    import torch._dynamo
+
+    path = directory / "model.py"
+    path.write_text(source)
+    before = torch._dynamo.config.get_config_copy()
+    cwd = os.getcwd()
+    printed = io.StringIO()
+    try:
+        os.chdir(directory)
+        with contextlib.redirect_stdout(printed), __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        os.chdir(cwd)
+        after = torch._dynamo.config.get_config_copy()
+        for key, value in before.items():
+            if after.get(key) is not value and after.get(key) != value:
+                setattr(torch._dynamo.config, key, value)
+    return printed.getvalue()
+
+
+@pytest.mark.parametrize("source, expected", _all_snippets())
+def test_snippet_runs_and_prints_what_the_page_shows(source, expected, tmp_path):
+    printed = run_snippet(source, tmp_path)
+    missing = missing_lines(expected, printed)
+    assert not missing, "the page shows lines the snippet does not print:\n" + "\n".join(
+        missing) + "\n--- printed:\n" + printed
+
+
+def test_troubleshooting_has_a_snippet_per_symptom():
+    text = TROUBLESHOOTING.read_text()
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        title = section.splitlines()[0]
+        if title == "Dynamo recompiles":
+            continue  # causes listed; the snippets of "too many graphs" show one
+        assert "```python" in section, f"troubleshooting.md: {title!r} has no runnable snippet"
