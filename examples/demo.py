@@ -33,7 +33,7 @@ import torch
 import hpuopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import _common  # noqa: E402
+import harness  # noqa: E402
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> torch.nn.Sequential:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     warnings.filterwarnings("ignore", message="hpuopt: .* runs uncaptured")
-    _common.set_threads(1)
+    harness.set_threads(1)
     torch.manual_seed(0)
 
     model = TokenRouter().eval().to(device)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             x = torch.randn(batch, 64, device=device)
             kept = int(model.keep(model.norm(model.encoder(x) + x)).sum())
-            t = _common.time_rows(
+            t = harness.time_rows(
                 {"eager": timed(lambda x=x: model(x)), "hpuopt": timed(lambda x=x: compiled(x))},
                 warmup=3, repeats=repeats, number=number,
             )

@@ -325,12 +325,7 @@ def test_user_guide_links_resolve():
 SCRIPT_DIRS = ("examples", "benchmarks", ".ci")
 # A documented flag a script does not have, left in a page this project does not edit here; each
 # entry must still be needed (the test fails once the page is fixed, so the entry goes too).
-KNOWN_FLAG_DRIFT = {
-    ("benchmarks/README.md", "--breakdown"): (
-        "overhead.py and optimizer.py take --no-breakdown (the breakdown is on by default), "
-        "not --breakdown"
-    ),
-}
+KNOWN_FLAG_DRIFT: dict[tuple[str, str], str] = {}
 # Commands of other tools whose flags are not ours.
 FOREIGN_COMMANDS = ("pip", "pytest", "torchrun", "git", "TORCH_LOGS", "apt", "uv ", "conda")
 
@@ -345,8 +340,9 @@ def repo_scripts() -> dict[str, Path]:
 
 
 def script_flags(path: Path) -> set[str] | None:
-    """The option strings of a script's argparse parser, read from its ``add_argument`` calls;
-    None for a script without a parser (a helper module)."""
+    """The option strings of a script's argparse parser, read from its ``add_argument`` calls
+    (``--no-x`` too for a ``BooleanOptionalAction``); a benchmark that builds its parser with
+    ``harness.parser`` also takes the harness's options. None for a script without a parser."""
     tree = ast.parse(path.read_text())
     flags: set[str] = set()
     parser = False
@@ -355,12 +351,29 @@ def script_flags(path: Path) -> set[str] | None:
             name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
             if name == "ArgumentParser":
                 parser = True
+            if name == "parser" and getattr(node.func, "value", None) is not None and (
+                getattr(node.func.value, "id", None) == "harness"
+            ):
+                parser = True
+                flags |= script_flags(path.parent / "harness.py") or set()
             if name == "add_argument":
-                for arg in node.args:
-                    assert isinstance(arg, ast.Constant), f"{_rel(path)}: a computed option name"
-                    if isinstance(arg.value, str) and arg.value.startswith("-"):
-                        flags.add(arg.value)
+                flags |= _option_strings(path, node)
     return flags | {"-h", "--help"} if parser else None
+
+
+def _option_strings(path: Path, call: ast.Call) -> set[str]:
+    out = set()
+    for arg in call.args:
+        assert isinstance(arg, ast.Constant), f"{_rel(path)}: a computed option name"
+        if isinstance(arg.value, str) and arg.value.startswith("-"):
+            out.add(arg.value)
+    boolean = any(
+        k.arg == "action" and getattr(k.value, "attr", None) == "BooleanOptionalAction"
+        for k in call.keywords
+    )
+    if boolean:
+        out |= {"--no-" + f[2:] for f in out if f.startswith("--")}
+    return out
 
 
 def _code_spans(text: str) -> list[tuple[str, str]]:
