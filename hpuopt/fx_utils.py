@@ -80,7 +80,7 @@ def graph_device(gm: torch.fx.GraphModule) -> torch.device | None:
     """The accelerator ``gm`` runs on, from its metadata (nested graph modules included), or
     ``None`` for a graph whose tensors are all on the CPU."""
     for node in gm.graph.nodes:
-        val = node.meta.get("val")
+        val = node_value(node)  # ATen graphs carry "val", Dynamo's own "example_value"
         if isinstance(val, torch.Tensor) and val.device.type not in ("cpu", "meta"):
             return val.device
         if node.op == "call_module":

@@ -125,3 +125,17 @@ def test_default_context_of_a_cuda_graph_is_cuda():
 def test_registry_holds_every_pass_of_both_stages_once():
     names = [p.name for p in (*PRE_AOT, *POST_AOT)]
     assert len(names) == len(set(names)) == len(registry())
+
+
+def test_the_context_of_a_dynamo_graph_reads_its_example_values():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(torch.sin, (x,))
+    graph.output(y)
+    with FakeTensorMode():
+        value = torch.empty(3, device="cuda")
+    x.meta["example_value"] = y.meta["example_value"] = value  # Dynamo's key, not "val"
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert CompileContext.of(gm, kind="dynamo").device == "cuda"
