@@ -87,6 +87,10 @@ _HOST_READ = {
     "item": "`.item()` reads a value back to the host",
     "is_nonzero": "`if tensor:` / `bool(tensor)` reads a value back to the host",
     "equal": "`torch.equal` reads its answer back to the host",
+    "_linalg_check_errors": "a `torch.linalg` error check (`inv`, `cholesky`, `solve`...) reads "
+    "an error code back to the host",
+    "cond": "`torch.cond` on a tensor predicate reads it on the host to pick a branch",
+    "while_loop": "`while_loop` decides each iteration on the host",
 }
 
 
@@ -124,6 +128,11 @@ def split_fix(r: SplitReason) -> str:
             "the pieces around it are still captured; to capture it too, keep the shape fixed "
             "(`torch.where(mask, x, 0)` instead of `x[mask]`, a fixed-size `topk`)"
         )
+    if packet == "_linalg_check_errors":
+        return ("use the `_ex` form (`torch.linalg.inv_ex`, `cholesky_ex`, `solve_ex`): it returns "
+                "the error code as a tensor instead of checking it on the host")
+    if packet == "cond":
+        return "compute both branches and pick with `torch.where(pred, a, b)`, if both are cheap"
     if r.reason == "host_read":
         return "keep the value on the device (use it as a tensor), or read it outside the model"
     if r.reason == "device_copy":
