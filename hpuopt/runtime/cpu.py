@@ -69,6 +69,7 @@ class CpuRuntime:
     """Device-graph semantics on the CPU (see the module docstring)."""
 
     name = "cpu"
+    default_piece_compiler = "eager"
 
     def __init__(self, check_capture: bool = True) -> None:
         self.check_capture = check_capture
