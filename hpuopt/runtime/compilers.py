@@ -247,7 +247,7 @@ class PieceCompilation:
     def _timed(self, example_inputs: list[Any]) -> Callable[..., list[Any]]:
         fn = self._compiler.fn
         assert fn is not None
-        gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))  # compilers rewrite
+        gm = _tuple_returning_copy(self.gm)  # compilers rewrite graphs; Dynamo's return tuples
         start = time.perf_counter()
         # The first call of an AOTAutograd graph runs under a checking dispatch mode of its
         # own, and this compile happens during that call: compile with no mode active.
@@ -259,7 +259,20 @@ class PieceCompilation:
         counters.piece_compiles += 1
         counters.compile_seconds += seconds
         log.info("%s: compiled with %s in %.2fs", self.name, self.compiler, seconds)
-        return listed(compiled, self.single_output)
+        return listed(compiled, single_output=False)
+
+
+def _tuple_returning_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (sharing its node metadata) whose output is a tuple, the form Dynamo
+    hands a backend (AOTAutograd requires it)."""
+    graph = copy.deepcopy(gm.graph)
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    result = out.args[0]
+    if not isinstance(result, (tuple, list)):
+        out.args = ((result,),)
+    elif isinstance(result, list):
+        out.args = (tuple(result),)
+    return torch.fx.GraphModule(gm, graph)
 
 
 @dataclasses.dataclass
