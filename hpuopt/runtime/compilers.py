@@ -48,6 +48,7 @@ import copy
 import dataclasses
 import importlib
 import logging
+import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,11 +73,13 @@ CompileFn = Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]
 @dataclasses.dataclass(frozen=True)
 class PieceCompiler:
     """A named compile function. ``compiles`` is False for ``"eager"`` (nothing to compile);
-    ``symbolic`` says whether it accepts fake tensors with symbolic shapes as example inputs."""
+    ``symbolic`` says whether it accepts fake tensors with symbolic shapes as example inputs;
+    ``leaves(gm)``, when given, names why a piece is better left to its ATen ops."""
 
     name: str
     fn: CompileFn | None = None
     symbolic: bool = False
+    leaves: Callable[[torch.fx.GraphModule], str | None] | None = None
 
     @property
     def compiles(self) -> bool:
@@ -89,11 +92,76 @@ EAGER = PieceCompiler("eager")
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
     from torch._inductor.compile_fx import compile_fx
 
+    functional_fused_kernels(gm)
     with torch.no_grad():  # an inference graph: the piece's own backward is another piece
         return compile_fx(gm, example_inputs)
 
 
-INDUCTOR = PieceCompiler("inductor", _inductor, symbolic=True)
+def _fused_kernels(gm: torch.fx.GraphModule) -> list[str]:
+    return sorted({
+        n.target.overloadpacket.__name__ for n in gm.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.overloadpacket.__name__.startswith("_fused_")
+        and n.target.overloadpacket.__name__.endswith("_")
+    })
+
+
+def _inductor_leaves(gm: torch.fx.GraphModule) -> str | None:
+    """A piece around an in-place fused optimizer kernel is one kernel already: Inductor can
+    only trace it in its functional form (new state lists, copied back), which costs more per
+    step than the kernel alone (``benchmarks/piece_compilers.py``, the optimizer rows)."""
+    kernels = _fused_kernels(gm)
+    if kernels:
+        return f"holds the fused in-place kernel {', '.join(kernels)}: left as is"
+    return None
+
+
+INDUCTOR = PieceCompiler("inductor", _inductor, symbolic=True, leaves=_inductor_leaves)
+
+
+def functional_fused_kernels(gm: torch.fx.GraphModule) -> int:
+    """Rewrites each in-place fused optimizer kernel (``_fused_adam_``, ``_fused_adamw_``,
+    ``_fused_sgd_``...) of ``gm`` into its functional variant followed by ``_foreach_copy_``
+    of the results into the lists it wrote; returns how many it rewrote.
+
+    hpuopt's ``reinplace`` pass leaves these kernels in place, and AOTAutograd cannot trace
+    them again (functionalising an in-place kernel over tensor lists fails its internal
+    check), while the functional form traces and Inductor makes it in-place again. The
+    rewrite is the inverse of what ``reinplace`` did: same kernel, same writes."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        name = target.overloadpacket.__name__
+        if not (name.startswith("_fused_") and name.endswith("_")):
+            continue
+        packet = getattr(torch.ops.aten, name[:-1], None)
+        functional = getattr(packet, target._overloadname, None) if packet is not None else None
+        if functional is None:
+            continue
+        schema = target._schema
+        mutable = [
+            (i, a.name) for i, a in enumerate(schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ]
+        if len(functional._schema.returns) != len(mutable):
+            continue
+        with gm.graph.inserting_before(node):
+            outs = gm.graph.call_function(functional, node.args, node.kwargs)
+            for k, (i, arg_name) in enumerate(mutable):
+                dst = node.args[i] if i < len(node.args) else node.kwargs.get(arg_name)
+                if not dst:  # an empty list (max_exp_avg_sqs without amsgrad)
+                    continue
+                src = gm.graph.call_function(operator.getitem, (outs, k))
+                gm.graph.call_function(torch.ops.aten._foreach_copy_.default, (dst, src))
+        if node.users:  # pragma: no cover - the in-place kernels return nothing
+            continue
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
 
 HPU_BACKEND_MODULE = "habana_frameworks.torch.dynamo.compile_backend.backends"
 """Where the bridge defines ``hpu_backend``; ``habana_frameworks.torch.core`` imports the package
@@ -114,6 +182,7 @@ def hpu_backend_compiler() -> PieceCompiler:
         ) from exc
 
     def compile_hpu(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        functional_fused_kernels(gm)  # hpu_backend traces the piece with AOTAutograd too
         with torch.no_grad():
             return backend(gm, example_inputs)
 
@@ -149,8 +218,9 @@ class PieceCompilation:
 
     What explain may show: :attr:`compiler` (its name), :attr:`compiles`,
     :attr:`compile_seconds`, :attr:`dynamic` (``True``: a symbolic compile serves keys;
-    ``False``: per key; ``None``: not tried), :attr:`dynamic_reason` (why not) and
-    :attr:`fallbacks` (keys left to the ATen ops, and why).
+    ``False``: per key; ``None``: not tried), :attr:`dynamic_reason` (why not),
+    :attr:`left_as_is` (why the compiler leaves the whole piece to its ATen ops) and
+    :attr:`fallbacks` (keys left to the ATen ops because their compile failed, and why).
     """
 
     def __init__(self, name: str, gm: torch.fx.GraphModule, single_output: bool,
@@ -166,13 +236,22 @@ class PieceCompilation:
         self.fallbacks: dict[tuple, str] = {}
         self.dynamic: bool | None = None
         self.dynamic_reason = ""
+        self.left_as_is = compiler.leaves(gm) if compiler.leaves is not None else None
+        """Why the compiler leaves this piece to its ATen ops (``None``: it compiles it)."""
+        if self.left_as_is is not None:
+            log.info("%s: not compiled: %s", name, self.left_as_is)
+            compiler = EAGER
+            self._compiler = compiler
         self._by_key: collections.OrderedDict[tuple, Callable[..., list[Any]]] = (
             collections.OrderedDict()
         )
         self._keep = max(2 * config.max_graphs, 8)  # compiled callables kept past eviction
         self._shared: Callable[..., list[Any]] | None = None
         self._symbols = _Symbols.of(gm) if config.compile_dynamic and compiler.symbolic else None
-        if self._symbols is None:
+        if not compiler.compiles:
+            self._symbols = None
+            self.dynamic_reason = "nothing is compiled"
+        elif self._symbols is None:
             self.dynamic_reason = (
                 "compile_dynamic is off" if not config.compile_dynamic
                 else f"{compiler.name} compiles concrete shapes only"
