@@ -92,8 +92,12 @@ EAGER = PieceCompiler("eager")
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
     from torch._inductor.compile_fx import compile_fx
 
+    import torch._inductor.config as inductor_config
+
     functional_fused_kernels(gm)
-    with torch.no_grad():  # an inference graph: the piece's own backward is another piece
+    # an inference graph (the piece's own backward is another piece); its inputs are static
+    # buffers whose sizes and strides the key fixes, so the per-call size asserts are moot
+    with torch.no_grad(), inductor_config.patch(size_asserts=False):
         return compile_fx(gm, example_inputs)
 
 
@@ -265,14 +269,17 @@ class PieceCompilation:
         on a miss)."""
         if not self._compiler.compiles:
             return self.eager
-        fn = self._by_key.get(key)
+        # a compiled callable assumes the layouts it was compiled for (Inductor's size checks
+        # are off: see _inductor), and a recapture may hand it other tensors of the same key
+        held = (key, _layouts(static))
+        fn = self._by_key.get(held)
         if fn is not None:
-            self._by_key.move_to_end(key)
+            self._by_key.move_to_end(held)
             return fn
         fn = self._shared_for(static) if self._symbols is not None else None
         if fn is None:
             fn = self._compile(key, list(static))
-        self._by_key[key] = fn
+        self._by_key[held] = fn
         while len(self._by_key) > self._keep:
             self._by_key.popitem(last=False)
         return fn
@@ -339,6 +346,12 @@ class PieceCompilation:
         counters.compile_seconds += seconds
         log.info("%s: compiled with %s in %.2fs", self.name, self.compiler, seconds)
         return listed(compiled, single_output=False)
+
+
+def _layouts(values: Sequence[Any]) -> tuple:
+    """Shapes, strides and dtypes of the tensors among ``values`` (``None`` for the rest)."""
+    return tuple((v.shape, v.stride(), v.dtype) if isinstance(v, torch.Tensor) else None
+                 for v in values)
 
 
 def _tuple_returning_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
