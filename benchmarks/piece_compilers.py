@@ -33,7 +33,9 @@ import contextlib
 import copy
 import gc
 import random
+import re
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,13 +109,29 @@ class CountingInductor:
         return compile_fx(gm, example_inputs)
 
 
+def isolated(model: torch.nn.Module, tag: str) -> torch.nn.Module:
+    """A copy of ``model`` whose ``forward`` has a code object of its own.
+
+    Dynamo keeps compiled entries on the code object: rows compiling copies of one model
+    would share one cache, and each call would first try the guards of the rows compiled
+    after it, which makes a row's time depend on the order the rows were built."""
+    m = copy.deepcopy(model)
+    cls = type(m)
+    fn = cls.forward
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{re.sub(r'[^0-9A-Za-z]', '_', tag)}")
+    forward = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                 fn.__closure__)
+    m.__class__ = type(f"{cls.__name__}_{len(tag)}", (cls,), {"forward": forward})
+    return m
+
+
 def model_rows(model: torch.nn.Module, *, api: bool = False, dynamic: bool | None = None,
                counting: CountingInductor | None = None) -> list[Row]:
     """eager, torch.compile, hpugraph, hpugraph inductor; each builds its own copy."""
 
     def build(kind: str, **kw: Any) -> Callable[[], Any]:
         def make() -> Any:
-            m = copy.deepcopy(model)
+            m = isolated(model, f"{kind}_{'_'.join(map(str, kw.values()))}")
             if kind == "inductor":
                 backend = counting if counting is not None else "inductor"
                 return torch.compile(m, backend=backend, dynamic=dynamic)
@@ -179,14 +197,23 @@ def section(rows: list[Row], timings: dict[str, harness.Timing], goals: list[Goa
 
 
 def bench_mlp(args: argparse.Namespace) -> dict[str, Any]:
-    model = harness.make_mlp(args.blocks, args.hidden).eval()
-    x = torch.randn(1, args.hidden)
+    out = {}
+    for hidden in args.mlp_hidden:
+        print(f"\n-- hidden {hidden}")
+        torch._dynamo.reset()
+        out[str(hidden)] = bench_mlp_one(args, hidden)
+    return out
+
+
+def bench_mlp_one(args: argparse.Namespace, hidden: int) -> dict[str, Any]:
+    model = harness.make_mlp(args.blocks, hidden).eval()
+    x = torch.randn(1, hidden)
     with torch.no_grad():
         expected = model(x)
     rows = model_rows(model)
     bind(rows, lambda m: (lambda: m(x)), lambda m: (m(x) - expected).abs().max().item())
     with torch.no_grad():
-        t = run(rows, args, f"mlp: {args.blocks} blocks, hidden {args.hidden}, batch 1",
+        t = run(rows, args, f"mlp: {args.blocks} blocks, hidden {hidden}, batch 1",
                 number=args.number)
     goals = [
         Goal(f"hpugraph inductor <= {GOAL_MLP_VS_EAGER}x eager per call",
@@ -196,7 +223,7 @@ def bench_mlp(args: argparse.Namespace) -> dict[str, Any]:
              ratio(t, "hpugraph inductor", "torch.compile"), "<=", GOAL_MLP_VS_COMPILE,
              row="hpugraph inductor"),
     ]
-    return section(rows, t, goals, blocks=args.blocks, hidden=args.hidden)
+    return section(rows, t, goals, blocks=args.blocks, hidden=hidden)
 
 
 class Masked(torch.nn.Module):
@@ -266,7 +293,7 @@ def bench_varbatch(args: argparse.Namespace) -> dict[str, Any]:
 
     def build_with(dynamic: bool) -> Callable[[], Any]:
         def make() -> Any:
-            return torch.compile(copy.deepcopy(model), backend="hpugraph", dynamic=True,
+            return torch.compile(isolated(model, f"dyn{dynamic}"), backend="hpugraph", dynamic=True,
                                  options={**IND, "compile_dynamic": dynamic})
         return make
 
@@ -385,7 +412,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = harness.parser(__doc__, name="piece_compilers", warmup=20, repeats=15, number=100)
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--blocks", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="masked and varbatch models")
+    p.add_argument("--mlp-hidden", type=int, nargs="+", default=[256, 128],
+                   help="the MLP's hidden sizes (one table each)")
     p.add_argument("--masked-blocks", type=int, default=4)
     p.add_argument("--masked-batch", type=int, default=32)
     p.add_argument("--masked-sets", type=int, default=8)
@@ -398,7 +427,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="let Inductor use its on-disk caches (first calls then depend on "
                         "earlier runs and rows)")
     args = p.parse_args(argv)
-    harness.quick(p, args, repeats=2, number=3, warmup=1, blocks=2, hidden=32, masked_blocks=1,
+    harness.quick(p, args, repeats=2, number=3, warmup=1, blocks=2, hidden=32, mlp_hidden=[32],
+                  masked_blocks=1,
                   masked_batch=8, masked_sets=2, vb_blocks=1, max_batch=6, params=4,
                   opt_number=2, opt_warmup=1)
     return args

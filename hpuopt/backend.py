@@ -166,6 +166,8 @@ def _stand_in_runners(
         if not info.static:
             counters.pieces_dynamic += 1
             aot_record.pieces.append(PieceRecord(info))
+            # run as is, but without nn.Module.__call__ (its hooks are never set here)
+            split_gm.__dict__[node.target] = eager_forward(split_gm._modules[node.target])
             continue
         counters.pieces_static += 1
         stable = [
