@@ -26,12 +26,17 @@ from torch._dynamo.backends.common import aot_autograd
 
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
-from hpuopt.diagnostics.explain import AotGraphRecord, GraphRecord, PieceRecord, Session
-from hpuopt.diagnostics.explain import default_session
-from hpuopt.passes.split import build_pieces
-from hpuopt.records import PieceInfo
+from hpuopt.diagnostics.explain import (
+    AotGraphRecord,
+    GraphRecord,
+    PieceRecord,
+    Session,
+    default_session,
+)
 from hpuopt.passes.base import CompileContext, GraphPass
+from hpuopt.passes.split import build_pieces
 from hpuopt.pipeline import PipelineResult, run_pipeline
+from hpuopt.records import PieceInfo
 from hpuopt.runtime import select_runtime
 from hpuopt.runtime.base import eager_forward
 from hpuopt.runtime.compilers import PieceCompiler, select_piece_compiler

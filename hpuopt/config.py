@@ -14,7 +14,7 @@ import dataclasses
 import os
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from hpuopt.errors import ConfigError
 
@@ -25,7 +25,7 @@ RuntimeName = Literal["auto", "cpu", "cuda", "hpu"]
 PIECE_COMPILERS = ("auto", "eager", "inductor", "hpu_backend")
 """The compilers ``piece_compiler`` names; a callable is the fifth kind."""
 
-PieceCompilerSpec = Union[str, Callable[..., Any]]
+PieceCompilerSpec = str | Callable[..., Any]
 
 HPU_MODES = ("auto", "compile", "lazy")
 

@@ -90,9 +90,8 @@ EAGER = PieceCompiler("eager")
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-    from torch._inductor.compile_fx import compile_fx
-
     import torch._inductor.config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
 
     functional_fused_kernels(gm)
     # an inference graph (the piece's own backward is another piece); its inputs are static
@@ -412,9 +411,9 @@ class _Symbols:
                 pairs.append((val, real))
         for sym, real in pairs:
             expr = _expr(sym)
-            if expr is not None and expr.is_Symbol:
-                if binding.setdefault(expr, int(real)) != int(real):
-                    return f"{expr} would be both {binding[expr]} and {real}"
+            if (expr is not None and expr.is_Symbol
+                    and binding.setdefault(expr, int(real)) != int(real)):
+                return f"{expr} would be both {binding[expr]} and {real}"
         if set(binding) != set(self.free):
             return "a symbolic size is not an input's size"
         for sym, real in pairs:

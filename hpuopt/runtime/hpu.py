@@ -42,7 +42,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,7 +88,7 @@ class HpuRuntime:
     """Static pieces on a Gaudi, in the bridge's compile or lazy mode (module docstring)."""
 
     name = "hpu"
-    _instances: dict[tuple, HpuRuntime] = {}
+    _instances: ClassVar[dict[tuple, HpuRuntime]] = {}
     _lock = threading.Lock()
 
     def __init__(self, habana: tuple[Any, Any] | None = None, mode: str = "compile",
@@ -142,7 +142,7 @@ class HpuRuntime:
         replay puts in the graph's output list."""
         try:
             probe = list(fn(*warm))
-        except Exception as exc:  # noqa: BLE001 - reported as a capture failure
+        except Exception as exc:
             raise CaptureError(f"{type(exc).__name__}: {exc}") from exc
         outputs = list(probe)
 
@@ -175,7 +175,7 @@ class HpuRuntime:
             graph.capture_end()
         if self.disable_tensor_cache:
             graph.mark_user_outputs([t for t in outputs if isinstance(t, torch.Tensor)])
-            replay = lambda: graph.replayV3(user_inputs)  # noqa: E731
+            replay = lambda: graph.replayV3(user_inputs)
         else:
             replay = graph.replay
         if self.dry_run:  # the capture launched nothing: the bridge replays once right away
@@ -219,5 +219,5 @@ def _end_failed_capture(graph: Any) -> None:
     ``capture_end`` whatever happened); the graph is dropped."""
     try:
         graph.capture_end()
-    except Exception:  # noqa: BLE001 - the first error is the one reported
+    except Exception:
         log.debug("capture_end after a failed capture raised", exc_info=True)

@@ -200,7 +200,7 @@ class _HPUGraph:
         self.standin.calls.append("replay")
         self._replay({})
 
-    def replayV3(self, tlistI: Any, asynchronous: bool = False) -> None:  # noqa: N802
+    def replayV3(self, tlistI: Any, asynchronous: bool = False) -> None:
         self.standin.calls.append("replayV3")
         matched = self.get_user_input_match_indices()
         tlist = list(tlistI)
