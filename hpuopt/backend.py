@@ -26,14 +26,20 @@ from torch._dynamo.backends.common import aot_autograd
 
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
-from hpuopt.diagnostics.explain import AotGraphRecord, GraphRecord, PieceRecord, Session
-from hpuopt.diagnostics.explain import default_session
-from hpuopt.passes.split import build_pieces
-from hpuopt.records import PieceInfo
+from hpuopt.diagnostics.explain import (
+    AotGraphRecord,
+    GraphRecord,
+    PieceRecord,
+    Session,
+    default_session,
+)
 from hpuopt.passes.base import CompileContext, GraphPass
+from hpuopt.passes.split import build_pieces
 from hpuopt.pipeline import PipelineResult, run_pipeline
+from hpuopt.records import PieceInfo
 from hpuopt.runtime import select_runtime
 from hpuopt.runtime.base import eager_forward
+from hpuopt.runtime.compilers import PieceCompiler, select_piece_compiler
 from hpuopt.runtime.runner import PieceRunner
 
 log = logging.getLogger(__name__)
@@ -133,7 +139,8 @@ def compile_aot_graph(
     )
     record.aot_graphs.append(aot_record)
     static_idx = _static_input_indices(kind, len(example_inputs))
-    _stand_in_runners(split_gm, aot_record, runtime, config, static_idx, name)
+    compiler = select_piece_compiler(config, runtime)
+    _stand_in_runners(split_gm, aot_record, runtime, config, static_idx, name, compiler)
     forward = eager_forward(split_gm)
     # One call at a time per graph: a piece's output buffers stay live until the next piece
     # has copied them, so concurrent callers must not interleave anywhere inside the graph.
@@ -155,6 +162,7 @@ def _stand_in_runners(
     config: Config,
     static_idx: frozenset[int],
     name: str,
+    compiler: PieceCompiler,
 ) -> None:
     """Puts a :class:`PieceRunner` in place of every static piece of ``split_gm``."""
     placeholders = {n: i for i, n in enumerate(split_gm.graph.find_nodes(op="placeholder"))}
@@ -163,6 +171,8 @@ def _stand_in_runners(
         if not info.static:
             counters.pieces_dynamic += 1
             aot_record.pieces.append(PieceRecord(info))
+            # run as is, but without nn.Module.__call__ (its hooks are never set here)
+            split_gm.__dict__[node.target] = eager_forward(split_gm._modules[node.target])
             continue
         counters.pieces_static += 1
         stable = [
@@ -177,17 +187,19 @@ def _stand_in_runners(
             stable=stable,
             escaping=_escaping_outputs(node),
             padding=node.meta.get("hpuopt.padding"),
+            compiler=compiler,
         )
         # The stitching code calls ``self.submod_k(...)``; an instance attribute shadows the
         # registered submodule, so the call skips nn.Module.__call__ and lands in the runner.
         split_gm.__dict__[node.target] = runner
         aot_record.pieces.append(PieceRecord(info, runner))
     log.info(
-        "%s: %d pieces (%d captured) on the %s runtime",
+        "%s: %d pieces (%d captured) on the %s runtime, compiled by %s",
         name,
         len(aot_record.pieces),
         sum(p.runner is not None for p in aot_record.pieces),
         runtime.name,
+        compiler.name,
     )
 
 

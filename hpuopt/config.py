@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from hpuopt.errors import ConfigError
@@ -21,6 +21,21 @@ from hpuopt.errors import ConfigError
 ENV_PREFIX = "HPUOPT_"
 
 RuntimeName = Literal["auto", "cpu", "cuda", "hpu"]
+
+PIECE_COMPILERS = ("auto", "eager", "inductor", "hpu_backend")
+"""The compilers ``piece_compiler`` names; a callable is the fifth kind."""
+
+PieceCompilerSpec = str | Callable[..., Any]
+
+HPU_MODES = ("auto", "compile", "lazy")
+
+BRIDGE_MODE_VARIABLE = "PT_HPU_LAZY_MODE"
+"""The Gaudi bridge's execution mode: ``1`` lazy, ``0`` eager with ``torch.compile`` (the
+default of recent bridges: ``habana_frameworks/torch/utils/internal.py``, ``is_lazy``)."""
+
+BRIDGE_TENSOR_CACHE_VARIABLE = "PT_HPUGRAPH_DISABLE_TENSOR_CACHE"
+"""Overrides ``disable_tensor_cache`` of the bridge's own HPU Graph wrappers when set
+(``habana_frameworks/torch/hpu/graphs.py``, ``wrapped_hpugraph_forward``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +80,29 @@ class Config:
         debug: Lint the graph and check hpuopt's invariants after every pass.
         dump_dir: Directory to write each graph's code before and after every pass; ``None``
             writes nothing.
+        piece_compiler: What compiles each static piece before the runtime captures it:
+            ``"eager"`` (the piece's ATen ops as they are), ``"inductor"`` (TorchInductor; CPU
+            and CUDA), ``"hpu_backend"`` (the Gaudi bridge's compiler), a callable
+            ``(GraphModule, example_inputs) -> callable``, or ``"auto"``: the runtime's default
+            (``docs/piece_compilers.md`` gives each and the measurements behind it).
+        compile_dynamic: Compile a piece with symbolic shapes once, where that is sound, and use
+            it for every bucket; otherwise (and for sizes outside the symbols' ranges) each
+            bucket or exact shape is compiled on its own.
+        past_max_graphs: What a new signature of a piece that already holds ``max_graphs``
+            graphs gets: ``"evict"`` the least recently used graph, or ``"uncaptured"``: it
+            runs as is, like the Gaudi bridge's ``max_graphs``.
+        hpu_mode: The Gaudi bridge's execution mode the HPU runtime follows: ``"compile"``
+            (eager mode with ``torch.compile``), ``"lazy"`` (HPU Graphs and ``mark_step``), or
+            ``"auto"``: read from ``PT_HPU_LAZY_MODE`` when the config is built (``0``: compile,
+            ``1``: lazy; unset: it stays ``"auto"``, which means compile, the default of recent
+            bridges). Another value of the variable is kept as ``"PT_HPU_LAZY_MODE=<value>"``,
+            which the HPU runtime refuses with an error.
+        hpu_disable_tensor_cache: Lazy mode: capture HPU Graphs with the bridge's
+            ``disable_tensor_cache`` (inputs marked as user inputs, replays through
+            ``replayV3``; implies ``hpu_dry_run``). ``PT_HPUGRAPH_DISABLE_TENSOR_CACHE``
+            overrides it when set, as it does for the bridge's own wrappers.
+        hpu_dry_run: Lazy mode: capture HPU Graphs with the bridge's ``dry_run`` (the capture
+            does not launch the work; the first replay does).
     """
 
     runtime: RuntimeName = "auto"
@@ -85,6 +123,12 @@ class Config:
     pipelining_fwd_bwd: bool = False
     debug: bool = False
     dump_dir: str | None = None
+    piece_compiler: PieceCompilerSpec = "auto"
+    compile_dynamic: bool = True
+    past_max_graphs: Literal["evict", "uncaptured"] = "evict"
+    hpu_mode: str = "auto"
+    hpu_disable_tensor_cache: bool = False
+    hpu_dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.runtime not in typing.get_args(RuntimeName):
@@ -111,7 +155,26 @@ class Config:
             )
         if not 0.0 <= self.max_pad_waste < 1.0:
             raise ConfigError(f"max_pad_waste must be in [0, 1), got {self.max_pad_waste}")
+        if not callable(self.piece_compiler) and self.piece_compiler not in PIECE_COMPILERS:
+            raise ConfigError(
+                f"piece_compiler={self.piece_compiler!r} is not one of {list(PIECE_COMPILERS)} "
+                "or a callable (GraphModule, example_inputs) -> callable"
+            )
+        if self.past_max_graphs not in ("evict", "uncaptured"):
+            raise ConfigError(
+                f"past_max_graphs={self.past_max_graphs!r} is not one of ['evict', 'uncaptured']"
+            )
+        if self.hpu_mode not in HPU_MODES and not self.hpu_mode.startswith(
+            BRIDGE_MODE_VARIABLE + "="
+        ):
+            raise ConfigError(f"hpu_mode={self.hpu_mode!r} is not one of {list(HPU_MODES)}")
 
+    @property
+    def hpu_execution_mode(self) -> str:
+        """``"compile"`` or ``"lazy"``, or what the bridge's variable held when it named neither
+        (``"PT_HPU_LAZY_MODE=<value>"``). ``"auto"`` (the variable was unset) follows the
+        default of recent bridges: compile."""
+        return "compile" if self.hpu_mode == "auto" else self.hpu_mode
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
@@ -148,6 +211,12 @@ class Config:
                     f"unknown hpugraph option {name!r}; valid options are {', '.join(valid)}"
                 )
             values[name] = _coerce(name, value, hints[name])
+        raw_mode = environ.get(BRIDGE_MODE_VARIABLE)
+        if values.get("hpu_mode", "auto") == "auto" and raw_mode is not None:
+            values["hpu_mode"] = bridge_mode(raw_mode)
+        tensor_cache = environ.get(BRIDGE_TENSOR_CACHE_VARIABLE)
+        if tensor_cache is not None:  # the bridge lets its variable override the argument
+            values["hpu_disable_tensor_cache"] = tensor_cache == "1"
         return cls(**values)
 
     def replace(self, **changes: Any) -> Config:
@@ -157,8 +226,21 @@ class Config:
         return name not in self.disable_passes
 
 
+def bridge_mode(raw: str | None) -> str:
+    """The ``hpu_mode`` the bridge's ``PT_HPU_LAZY_MODE`` names: unset or ``0``: compile (the
+    default of recent bridges), ``1``: lazy; anything else is kept for the runtime's error."""
+    text = "0" if raw is None else raw.strip()
+    if text in ("", "0"):
+        return "compile"
+    if text == "1":
+        return "lazy"
+    return f"{BRIDGE_MODE_VARIABLE}={text}"
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Checks an ``options=`` value against the field's type; accepts a list for a tuple."""
+    if hint is PieceCompilerSpec and callable(value):
+        return value
     origin = typing.get_origin(hint)
     if hint is bool:
         if not isinstance(value, bool):

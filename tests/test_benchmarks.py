@@ -216,3 +216,45 @@ def test_gpu_check_plan_fits_its_budget_and_its_benchmark_flags_exist(monkeypatc
     done = subprocess.run([sys.executable, str(root / ".ci" / "gpu_check.py"), "--dry-run"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "cuda-tests" in done.stdout
+
+
+def _check_piece_compilers(result: dict, scenarios: list[str]) -> None:
+    _check_header(result, "piece_compilers")
+    sections = [result["mlp"][h] for h in result["mlp"]] if "mlp" in scenarios else []
+    sections += [result[s] for s in scenarios if s not in ("mlp", "optimizer")]
+    for sec in sections:
+        _check_rows(sec["rows"], repeats=2)
+        by_name = {r["name"]: r for r in sec["rows"]}
+        ind = next(r for n, r in by_name.items() if n.endswith("inductor")
+                   or n.endswith("per-bucket"))
+        assert ind["status"] == "ok" and ind["info"]["piece_compiles"] >= 1
+        assert ind["info"]["first_call_s"] > 0
+        assert {g["verdict"] for g in sec["goals"]} <= {"met", "NOT met", "not measured"}
+        for row in sec["rows"]:
+            if "max_abs_diff" in row["info"]:
+                assert row["info"]["max_abs_diff"] < 1e-3, row["name"]
+    if "varbatch" in scenarios:
+        comp = result["varbatch"]["compilations"]
+        assert comp["hpugraph inductor symbolic"] <= comp["hpugraph inductor per-bucket"]
+    if "optimizer" in scenarios:
+        _check_rows(result["optimizer"]["rows"], repeats=2)
+        rows = {r["name"]: r for r in result["optimizer"]["rows"]}
+        assert rows["hpugraph inductor"]["info"]["max_abs_diff_vs_eager"] < 1e-4
+        assert rows["hpugraph inductor"]["info"]["piece_compiles"] == 0  # left as is
+
+
+def test_piece_compilers_quick(tmp_path):
+    import piece_compilers
+
+    assert piece_compilers.main(["--quick", "--scenarios", "mlp", "--out-dir",
+                                 str(tmp_path)]) == 0
+    _check_piece_compilers(_load(tmp_path, "piece_compilers"), ["mlp"])
+
+
+@pytest.mark.slow
+def test_piece_compilers_quick_every_scenario(tmp_path):
+    import piece_compilers
+
+    scenarios = list(piece_compilers.SCENARIOS)
+    assert piece_compilers.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    _check_piece_compilers(_load(tmp_path, "piece_compilers"), scenarios)

@@ -36,7 +36,8 @@ Modes (one test id per operator and mode)
                   ``w`` are compared too (forward and backward graphs both go through hpuopt).
 
 The default run covers a curated subset (:data:`DEFAULT_OPS`); every other operator of op_db
-runs with ``RUN_SLOW_TESTS=1`` (``test_op_full``). A summary line
+runs with ``RUN_SLOW_TESTS=1`` (``test_op_full``), and so does the curated subset with every
+static piece compiled by Inductor (``test_op_inductor_pieces``). A summary line
 ``op coverage: N passed, M failed, K skipped (...)`` is printed at the end of the module;
 ``OP_COVERAGE_REPORT=path.json`` also writes every case's outcome and message.
 """
@@ -667,8 +668,9 @@ def check_case(key: str, mode: str) -> CaseOutcome:
     return CaseOutcome(case, "skipped", "no samples", [], secs)
 
 
-def _run(key: str, mode: str) -> None:
+def _run(key: str, mode: str, label: str = "") -> None:
     outcome = check_case(key, mode)
+    outcome.case += label
     RESULTS[outcome.case] = outcome
     if outcome.status == "failed":
         message = f"{outcome.case}: fails through hpugraph\n" + "\n".join(outcome.details)
@@ -753,3 +755,14 @@ def test_op(key: str, mode: str) -> None:
 def test_op_full(key: str, mode: str) -> None:
     """Every other float32 CPU operator of op_db (set RUN_SLOW_TESTS=1)."""
     _run(key, mode)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, mode", DEFAULT_CASES)
+def test_op_inductor_pieces(key: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The curated subset with every static piece compiled by Inductor before its capture
+    (``piece_compiler="inductor"``; set RUN_SLOW_TESTS=1: about 12 minutes on two cores). A
+    piece Inductor cannot compile runs its ATen ops, still captured, and is no failure here:
+    the results must match eager either way."""
+    monkeypatch.setenv("HPUOPT_PIECE_COMPILER", "inductor")
+    _run(key, mode, label=" (inductor pieces)")

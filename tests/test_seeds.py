@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import random
 
 import pytest
@@ -13,6 +14,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hpuopt
+
+
+# about 20 s of Inductor compiles on two cores (forward, backward and SGD pieces, two batch sizes)
+SLOW_WITH_INDUCTOR = {"test_mnist_training_with_smaller_last_batch"}
+
+
+@pytest.fixture(autouse=True, params=["eager", "inductor"], ids=["eager-pieces", "inductor-pieces"])
+def piece_compiler(request, monkeypatch):
+    """Every scenario with the pieces captured as their ATen ops, and compiled by Inductor
+    first (``piece_compiler="inductor"``, given as its variable so the scenarios stay as a user
+    writes them). Inductor compiles cost seconds: by default the Inductor runs are those where
+    hpuopt splits the dynamic ops itself (the flags on), but for SLOW_WITH_INDUCTOR; all of them
+    with RUN_SLOW_TESTS=1."""
+    params = getattr(request.node, "callspec", None)
+    flags = params.params.get("both_flag_settings", True) if params is not None else True
+    slow = not flags or request.node.originalname in SLOW_WITH_INDUCTOR
+    if request.param == "inductor" and slow and os.environ.get("RUN_SLOW_TESTS") != "1":
+        pytest.skip("slow with Inductor pieces (RUN_SLOW_TESTS=1)")
+    monkeypatch.setenv("HPUOPT_PIECE_COMPILER", request.param)
+    yield request.param
+    if request.param == "inductor":  # the scenarios did go through Inductor
+        assert hpuopt.counters.piece_compiles + hpuopt.counters.compile_fallbacks > 0 or \
+            hpuopt.counters.pieces_static == 0
 
 
 class Net(nn.Module):

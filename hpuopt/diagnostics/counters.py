@@ -41,6 +41,13 @@ class Counters:
     uncaptured_runs: int = 0
     """Runs of a static piece without a graph (fallbacks, ``capture=False``)."""
     capture_seconds: float = 0.0
+    piece_compiles: int = 0
+    """Compilations of static pieces by the piece compiler (per key, or one symbolic compile
+    shared by a piece's keys)."""
+    compile_seconds: float = 0.0
+    """Time those compilations took (part of the first call of each new key)."""
+    compile_fallbacks: int = 0
+    """Keys whose compile failed, so their piece runs its ATen ops (still captured)."""
     real_elements: int = 0
     """Elements of padded inputs that carried real data."""
     padded_elements: int = 0

@@ -20,12 +20,14 @@ What it changes::
 What it guarantees: :func:`mark_step` is registered with ``torch.fx`` as side-effectful, so
 ``Node.is_impure()`` holds for every inserted node and no dead-code elimination removes it. On
 CUDA and CPU it does nothing at run time but stays visible in the graph and in ``explain()``.
+On a Gaudi in the bridge's compile mode (``PT_HPU_LAZY_MODE=0``, ``Config.hpu_mode``) the pass
+inserts nothing: there is no lazy queue, and the bridge's ``mark_step`` is lazy-only
+(``habana_frameworks/torch/core/step_closure.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 from typing import ClassVar
 
@@ -42,12 +44,7 @@ from hpuopt.records import Finding
 def mark_step(device_type: str) -> None:
     """Flushes Gaudi's lazy-mode queue when the graph runs on an HPU; a no-op elsewhere."""
     if device_type == "hpu":
-        _habana_mark_step()()
-
-
-@functools.cache
-def _habana_mark_step():
-    return importlib.import_module("habana_frameworks.torch.core").mark_step
+        importlib.import_module("habana_frameworks.torch.core").mark_step()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +69,9 @@ class MarkStepPass(GraphPass):
 
     def run(self, gm: torch.fx.GraphModule, config: Config, ctx: CompileContext) -> PassResult:
         kind, device = ctx.kind, ctx.device
+        if device == "hpu" and config.hpu_execution_mode != "lazy":
+            # the bridge's compile mode has no lazy queue to flush (its mark_step is lazy-only)
+            return PassResult(gm, False, ())
         wanted: dict[torch.fx.Node | None, str] = {}  # insert after this node (None: first)
         nodes = list(gm.graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]

@@ -38,5 +38,5 @@ def select_runtime(config: Config, inputs: Sequence[Any]) -> Runtime:
     if name == "hpu":
         from hpuopt.runtime.hpu import HpuRuntime
 
-        return HpuRuntime.shared()
+        return HpuRuntime.for_config(config)
     raise ConfigError(f"no runtime for device type {name!r}; use runtime='cpu' to emulate")

@@ -51,6 +51,9 @@ class Runtime(Protocol):
     """One platform's device-graph primitives."""
 
     name: str
+    default_piece_compiler: str
+    """The piece compiler ``piece_compiler="auto"`` picks on this runtime
+    (:mod:`hpuopt.runtime.compilers`)."""
 
     def capture(
         self,

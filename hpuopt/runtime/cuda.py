@@ -79,6 +79,7 @@ class _Pool:
 
 class CudaRuntime(SharedRuntime):
     name = "cuda"
+    default_piece_compiler = "eager"
 
     def __init__(self) -> None:
         if not torch.cuda.is_available():

@@ -210,8 +210,13 @@ def capture(
     warmup_runs: int,
     escaping: Sequence[bool],
     pool: Any = None,
+    compile_for: Callable[[list[Any]], Callable[..., list[Any]]] | None = None,
 ) -> Entry:
     """Captures ``fn`` on static buffers made from ``args`` as ``roles`` and ``keys`` say.
+
+    ``compile_for(inputs)``, when given, returns the callable to capture instead of ``fn``,
+    compiled for these static buffers (handed over with clones of the inputs the piece mutates,
+    so a compiler that runs the piece leaves them alone).
 
     Raises what the runtime raises (:class:`hpuopt.errors.CaptureError`, out of memory).
     """
@@ -226,6 +231,8 @@ def capture(
     warm = list(static)
     for i in roles.mutated:
         warm[i] = static[i].clone()
+    if compile_for is not None:
+        fn = compile_for(warm)
     start = time.perf_counter()
     graph = runtime.capture(fn, static, warmup_runs, warmup_inputs=warm, pool=pool)
     seconds = time.perf_counter() - start

@@ -97,6 +97,11 @@ class GraphCache:
     def held_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values() if isinstance(e, Entry))
 
+    def full_for_new(self) -> bool:
+        """Whether the cache holds ``max_graphs`` captured graphs already (a new signature
+        evicts one, or runs uncaptured under ``past_max_graphs='uncaptured'``)."""
+        return sum(isinstance(e, Entry) for e in self.entries.values()) >= self.max_graphs
+
     def all_captured(self) -> bool:
         """Whether no signature held runs uncaptured."""
         return not any(isinstance(e, Uncaptured) for e in self.entries.values())

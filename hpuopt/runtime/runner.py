@@ -45,7 +45,8 @@ from hpuopt.fx_utils import output_node
 from hpuopt.records import PaddingPlan
 from hpuopt.runtime.address_policy import AddressPolicy, Split, addresses
 from hpuopt.runtime.base import Runtime
-from hpuopt.runtime.entry import Entry, capture, flat_forward, retire_lent
+from hpuopt.runtime.compilers import EAGER, PieceCompilation, PieceCompiler
+from hpuopt.runtime.entry import Entry, capture, retire_lent
 from hpuopt.runtime.graph_cache import GraphCache, Held, Uncaptured
 from hpuopt.runtime.padder import Padder, describe_padding
 from hpuopt.runtime.signature import KeyStrategy, arg_roles, call_keys
@@ -53,6 +54,7 @@ from hpuopt.runtime.signature import KeyStrategy, arg_roles, call_keys
 log = logging.getLogger(__name__)
 
 _CAPTURE_OFF = Uncaptured("capture is disabled (capture=False)")
+_PAST_LIMIT = Uncaptured("past max_graphs (past_max_graphs='uncaptured')")
 
 
 class PieceRunner:
@@ -64,7 +66,8 @@ class PieceRunner:
 
     def __init__(self, name: str, gm: torch.fx.GraphModule, runtime: Runtime, config: Config,
                  stable: Sequence[bool], escaping: Sequence[bool],
-                 padding: PaddingPlan | None = None) -> None:
+                 padding: PaddingPlan | None = None,
+                 compiler: PieceCompiler = EAGER) -> None:
         self.name = name
         self.gm = gm
         self.runtime = runtime
@@ -75,6 +78,7 @@ class PieceRunner:
         self._padding_plan = padding
         self.padder = Padder.for_plan(padding, config)
         self.cache = GraphCache(runtime.release, config.max_graphs, config.max_graph_bytes)
+        self.compilation = PieceCompilation(name, gm, self.single_output, compiler, config)
         self.replays = 0
         self._addresses = AddressPolicy()
         self._adopted = False  # the first miss refines the roles with real arguments
@@ -90,6 +94,12 @@ class PieceRunner:
     hits = property(lambda self: self.cache.hits)
     misses = property(lambda self: self.cache.misses)
     evictions = property(lambda self: self.cache.evictions)
+    compiler = property(lambda self: self.compilation.compiler)
+    """The piece compiler's name (``"eager"``, ``"inductor"``, ``"hpu_backend"``...)."""
+    compiles = property(lambda self: self.compilation.compiles)
+    compile_seconds = property(lambda self: self.compilation.compile_seconds)
+    compile_fallbacks = property(lambda self: self.compilation.fallbacks)
+    """Keys whose compile failed (they run the ATen ops, still captured), and why."""
 
     def __call__(self, *args: Any) -> Any:
         if self._addresses.watching:
@@ -148,6 +158,12 @@ class PieceRunner:
             roles, self.roles = self.roles, self.roles.adopt(args)
             if self.roles.keyed != roles.keyed:  # the key holds new arguments now
                 key = keys.key(self.roles, args)
+        if self.cache.full_for_new() and self.config.past_max_graphs == "uncaptured":
+            # the Gaudi bridge's max_graphs: a signature past the limit runs as is, unstored
+            self.cache.fallback_reasons.setdefault(
+                key, f"past max_graphs={self.config.max_graphs} (past_max_graphs='uncaptured')"
+            )
+            return key, _PAST_LIMIT
         entry = self._capture(key, args, keys)
         self.cache.put(key, entry)
         return key, entry
@@ -174,10 +190,11 @@ class PieceRunner:
             return _CAPTURE_OFF
         if self.roles.unsupported:
             return self._fallback(key, self.roles.unsupported)
-        fn = flat_forward(self.gm, self.single_output)
+        compilation = self.compilation
         try:
-            entry = capture(self.runtime, fn, self.roles, args, keys, self.config.warmup_runs,
-                            self.escaping, pool=self._pool)
+            entry = capture(self.runtime, compilation.eager, self.roles, args, keys,
+                            self.config.warmup_runs, self.escaping, pool=self._pool,
+                            compile_for=lambda static: compilation.forward_for(key, static))
         except CaptureError as exc:
             return self._fallback(key, str(exc))
         except torch.OutOfMemoryError as exc:

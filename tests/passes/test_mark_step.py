@@ -89,7 +89,7 @@ def test_mark_step_runs_on_hpu_and_is_shown_by_explain(dynamic_op_flags):
         h = lin(x)
         return h[h > 0].sum() * h
 
-    with habana_standin.installed() as standin, torch.no_grad():
+    with habana_standin.installed(lazy=True) as standin, torch.no_grad():
         compiled = torch.compile(f, backend="hpugraph", options={"runtime": "hpu"})
         for _ in range(2):
             x = torch.randn(3, 6)

@@ -20,7 +20,7 @@ from hpuopt.testing import habana_standin
 @contextlib.contextmanager
 def _runtime(name):
     if name == "hpu":
-        with habana_standin.installed():
+        with habana_standin.installed(lazy=True):
             yield
     else:
         yield
