@@ -396,6 +396,8 @@ class SampleResult:
     fallbacks: list[str]
     graphs: int
     fresh: str
+    uncompiled: list[str] = dataclasses.field(default_factory=list)
+    """Pieces whose compile failed (``piece_compiler``): they ran their ATen ops, captured."""
 
 
 @contextlib.contextmanager
@@ -532,6 +534,8 @@ def run_sample(
         fallbacks=fallbacks,
         graphs=hpuopt.counters.dynamo_graphs - before,
         fresh=fresh_name,
+        uncompiled=[str(w.message).split("uncompiled: ", 1)[1] for w in caught
+                    if "runs its ATen ops uncompiled: " in str(w.message)],
     )
 
 
@@ -648,6 +652,7 @@ def check_case(key: str, mode: str) -> CaseOutcome:
                 break
         if res.graphs == 0:
             no_graph += 1
+        notes += [f"{where}: piece compile failed: {r}" for r in res.uncompiled]
         if res.fresh != "uniform":
             notes.append(f"{where}: fresh inputs: {res.fresh} (eager rejects uniform ones)")
     secs = time.perf_counter() - start

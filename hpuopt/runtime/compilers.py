@@ -110,12 +110,19 @@ def _fused_kernels(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def _inductor_leaves(gm: torch.fx.GraphModule) -> str | None:
-    """A piece around an in-place fused optimizer kernel is one kernel already: Inductor can
-    only trace it in its functional form (new state lists, copied back), which costs more per
-    step than the kernel alone (``benchmarks/piece_compilers.py``, the optimizer rows)."""
+    """Why Inductor should not compile ``gm`` (``None``: it should). A piece around an in-place
+    fused optimizer kernel is one kernel already: Inductor can only trace it in its functional
+    form (new state lists, copied back), which costs more per step than the kernel alone
+    (``benchmarks/piece_compilers.py``, the optimizer rows). A piece threading an effect token
+    fails to compile (torch 2.13: ``with_effects`` on a token input)."""
     kernels = _fused_kernels(gm)
     if kernels:
         return f"holds the fused in-place kernel {', '.join(kernels)}: left as is"
+    with_effects = getattr(torch.ops.higher_order, "with_effects", None)
+    if with_effects is not None and any(n.target is with_effects for n in gm.graph.nodes):
+        # an effect token threaded through by AOTAutograd (linalg's error checks): Inductor
+        # fails on it when it traces the piece again
+        return "threads an effect token (with_effects): left as is"
     return None
 
 

@@ -192,6 +192,19 @@ def test_inductor_leaves_a_fused_optimizer_kernel_as_is(symbolic_recorder):
     assert hpuopt.counters.compile_fallbacks == 0
 
 
+def test_inductor_leaves_a_piece_with_an_effect_token_as_is(symbolic_recorder):
+    """linalg's error checks thread an effect token through AOTAutograd; Inductor cannot
+    compile such a piece again, so it is not handed one."""
+    compiled = torch.compile(lambda a: torch.linalg.inv(a) * 2, backend="hpugraph",
+                             options={"piece_compiler": "inductor"})
+    for _ in range(2):
+        a = torch.randn(4, 4) + 4 * torch.eye(4)
+        torch.testing.assert_close(compiled(a), torch.linalg.inv(a) * 2)
+    left = [r.compilation.left_as_is for r in _runners() if r.compilation.left_as_is]
+    assert left and "with_effects" in left[0]
+    assert not symbolic_recorder.calls and hpuopt.counters.compile_fallbacks == 0
+
+
 def test_functional_fused_kernels_keeps_the_update():
     """The rewrite for compilers that trace with AOTAutograd: _fused_adam_ becomes _fused_adam
     and copies back; run as is, it updates the same tensors to the same values."""
