@@ -60,8 +60,8 @@ class Entry:
 
     __slots__ = (
         "aliases", "all_ptrs", "capture_seconds", "copy_targets", "escaping", "escaping_copies",
-        "fresh", "stable_args",
-        "graph", "inputs", "nbytes", "outputs", "plain_copies", "ptrs", "roles",
+        "fresh", "graph", "inputs", "nbytes", "outputs", "plain_copies", "ptrs", "roles",
+        "stable_args", "stable_list",
     )
 
     def __init__(
@@ -85,6 +85,7 @@ class Entry:
         for i, ptr in zip(roles.stable, self.ptrs):
             self.all_ptrs[i] = ptr
         self.stable_args = _getter(roles.stable)
+        self.stable_list = list(roles.stable)  # the C++ check takes lists only
         self.copy_targets = [graph.static_inputs[i] for i in roles.copied]
         # broadcast buffers, whole-storage copies or a single input take the slow path
         self.plain_copies = len(roles.copied) > 1 and not roles.full_storage and not roles.host and (
@@ -105,11 +106,10 @@ class Entry:
         Every call pays this, for every parameter: a Python loop over hundreds of tensors costs
         more than a whole graph replay. Builds with CUDA have the C++ comparison CUDA-graph trees
         use; elsewhere one ``map`` over the stable arguments does it."""
-        stable = self.roles.stable
-        if not stable:
+        if not self.stable_list:
             return True
         if _PTRS_EQUAL is not None:
-            return _PTRS_EQUAL(list(args), self.all_ptrs, list(stable))
+            return _PTRS_EQUAL(list(args), self.all_ptrs, self.stable_list)
         return list(map(_data_ptr, self.stable_args(args))) == self.ptrs
 
     def moved(self, args: Sequence[Any]) -> list[int]:
@@ -129,10 +129,6 @@ class Entry:
                     _flat_storage(self.inputs[i]).copy_(_flat_storage(args[i]), non_blocking=True)
                 else:
                     copy_into(self.inputs[i], args[i], non_blocking=True)
-
-    def replay(self) -> None:
-        """Replays the graph; raises what the replay raised."""
-        self.graph.replay()
 
     def write_back(self, args: Sequence[Any]) -> None:
         """Copies the mutated static buffers back into the caller's tensors."""

@@ -124,7 +124,7 @@ class PieceRunner:
         if self._lent:  # alias mode: what earlier calls were lent may be overwritten now
             self._retire_lent()
         try:
-            entry.replay()
+            entry.graph.replay()
         except Exception as exc:  # noqa: BLE001 - recorded as a fallback; strict raises
             return self._replay_failed(key, args, exc)
         self.replays += 1
