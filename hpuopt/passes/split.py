@@ -22,7 +22,7 @@ What it finds
     ``collective``                a collective (``_c10d_functional``, ``c10d``): it must run
                                   exactly once per call, in step with the other ranks, so the
                                   warm-up and capture runs of a piece may not repeat it
-    ``known_uncapturable``        in :data:`UNCAPTURABLE_OPS` or the user's ``dynamic_ops``
+    ``known_uncapturable``        in :data:`hpuopt.ops.UNCAPTURABLE_OPS` or the user's ``dynamic_ops``
     ============================  ===========================================================
 
 What it changes
@@ -71,10 +71,6 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
-Reason = SplitCategory
-
-# Re-exported: the split's public view of the op families it decides on.
-UNCAPTURABLE_OPS = ops.UNCAPTURABLE_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +118,7 @@ def classify(
 
 def _classify_node(
     node: torch.fx.Node, extra: set[Any], main_device: torch.device | None
-) -> tuple[Reason, str] | None:
+) -> tuple[SplitCategory, str] | None:
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     if target in extra or (packet is not None and packet in extra):
@@ -134,7 +130,7 @@ def _classify_node(
     if node.meta.get("unbacked_bindings"):
         syms = ", ".join(sorted(str(s) for s in node.meta["unbacked_bindings"]))
         return "data_dependent_shape", f"output size or value depends on data ({syms})"
-    if packet in UNCAPTURABLE_OPS:
+    if packet in ops.UNCAPTURABLE_OPS:
         return "known_uncapturable", "op cannot be held by a device graph"
     if packet in ops.MASK_INDEX_OPS and _has_bool_index(node):
         return "data_dependent_shape", "indexing with a boolean mask finds its rows on the host"
