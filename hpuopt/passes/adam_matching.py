@@ -31,7 +31,6 @@ ROLES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state
 PER_PARAM_ROLES = ROLES[:-1]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AdamHyperparams:
     """The hyperparameters of one matched update, as read from the graph and verified."""
@@ -48,7 +47,6 @@ class AdamHyperparams:
 
 class Skip(Exception):
     """A candidate cannot be rewritten; the message says why (it becomes the finding's reason)."""
-
 
 
 # -- candidates -----------------------------------------------------------------------------

@@ -72,7 +72,6 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SplitPass(GraphPass):
     """Splits a graph into static pieces (captured) and dynamic pieces (run as is)."""
