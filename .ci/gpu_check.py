@@ -34,20 +34,20 @@ def plan(python: str) -> list[dict]:
     if importlib.util.find_spec("pytest_timeout") is not None:  # one test cannot hang the rest
         pytest.append("--timeout=120")
     return [
-        {"name": "cuda-tests", "timeout": 200,
-         "cmd": [*pytest, "-m", "cuda", "-rs", "tests"]},
-        {"name": "workloads", "timeout": 150,
+        {"name": "cuda-tests", "timeout": 250,
+         "cmd": [*pytest, "-m", "cuda", "-rsfE", "--tb=short", "tests"]},
+        {"name": "workloads", "timeout": 125,
          "cmd": [python, "benchmarks/workloads.py", "--device", "cuda", "--skip-inductor",
                  "--repeats", "7", "--number", "20", "--steps", "100", "--w2-repeats", "3",
                  "--name", "workloads"]},
-        {"name": "optimizer", "timeout": 120,
+        {"name": "optimizer", "timeout": 105,
          "cmd": [python, "benchmarks/optimizer.py", "--device", "cuda", "--params", "100",
                  "--skip-inductor", "--no-breakdown", "--repeats", "5",
                  "--hpugraph-budget", "90", "--name", "optimizer-100"]},
     ]
 
 
-def run_step(step: dict, env: dict) -> dict:
+def run_step(step: dict, env: dict, out_dir: str | None = None) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run(step["cmd"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -59,6 +59,8 @@ def run_step(step: dict, env: dict) -> dict:
             else (exc.stdout or "")
         out += f"\n[gpu-check] {step['name']} ran past {step['timeout']} s"
     seconds = time.perf_counter() - start
+    if out_dir:  # the whole log comes back with the results; the JSON keeps the tail
+        Path(out_dir, f"{step['name']}.log").write_text(out)
     sys.stdout.write(out[-6000:] + "\n")
     sys.stdout.write(f"[gpu-check] {step['name']}: rc={rc} in {seconds:.0f} s\n")
     sys.stdout.flush()
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PYTHONUNBUFFERED="1")
-    results = [run_step(s, env) for s in steps]
+    results = [run_step(s, env, args.out) for s in steps]
     summary = {
         "machine": {"node": platform.node(), "python": platform.python_version(),
                     "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / "gpu-check-cuda.json"
     path.write_text(json.dumps(summary, indent=1))
     if args.out:
-        for f in sorted(RESULTS.glob("*-cuda.json"))[:8]:
+        for f in sorted(RESULTS.glob("*-cuda.json"))[:8 - len(steps)]:
             shutil.copy(f, args.out)
     failed = [r["name"] for r in results if r["rc"] != 0]
     print(f"gpu-check: {len(results) - len(failed)}/{len(results)} steps passed"

@@ -1,6 +1,7 @@
 """Real model code: tiny random Hugging Face configs (no downloads) through the backend, against
 eager on the real positions. Variable batch and sequence, padded masks (left and right),
-``generate()`` with a static cache (plain and wrapped), a training step on an encoder."""
+``generate()`` with a static cache (plain and wrapped), a training step on an encoder. Each test
+runs on the CPU and, where there is a GPU, on CUDA (``-m cuda`` selects those)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import hpuopt
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 99
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 SHAPES = [(2, 7), (3, 5), (2, 7), (4, 11)]  # (batch, sequence); a repeat replays
 
 
@@ -66,56 +68,65 @@ def _batch(gen, batch, seq, side):
     return ids, mask
 
 
+def _tol(device):
+    """A padded bucket runs other kernels than eager's shape; GPU kernels round differently."""
+    return dict(rtol=1e-4, atol=1e-4) if device == "cpu" else dict(rtol=1e-3, atol=1e-3)
+
+
 def _assert_real_positions_equal(ref, out, mask):
     real = mask.bool()
-    torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[real], ref[real], **_tol(out.device.type))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", [_bert, _llama, _gpt2], ids=["bert", "llama", "gpt2"])
-def test_encoders_and_decoders_with_padded_masks_match_eager(make):
+def test_encoders_and_decoders_with_padded_masks_match_eager(make, device):
     gen = torch.Generator().manual_seed(3)
-    model = make().eval()
+    model = make().eval().to(device)
     compiled = torch.compile(model, backend="hpugraph")
     with torch.no_grad():
         for (batch, seq), side in zip(SHAPES, ("right", "left", "left", "right")):
-            ids, mask = _batch(gen, batch, seq, side)
+            ids, mask = (t.to(device) for t in _batch(gen, batch, seq, side))
             ref = model(input_ids=ids, attention_mask=mask)[0]
             _assert_real_positions_equal(ref, compiled(input_ids=ids, attention_mask=mask)[0], mask)
     assert hpuopt.counters.replays > 0 and hpuopt.counters.fallbacks == 0
 
 
-def test_t5_encoder_decoder_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_t5_encoder_decoder_matches_eager(device):
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                 num_heads=4, decoder_start_token_id=0)
-    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    model = transformers.T5ForConditionalGeneration(cfg).eval().to(device)
     compiled = torch.compile(model, backend="hpugraph")
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for batch, seq in SHAPES[:3]:
-            ids = torch.randint(1, VOCAB, (batch, seq), generator=gen)
-            dec = torch.randint(1, VOCAB, (batch, 4), generator=gen)
+            ids = torch.randint(1, VOCAB, (batch, seq), generator=gen).to(device)
+            dec = torch.randint(1, VOCAB, (batch, 4), generator=gen).to(device)
             ref = model(input_ids=ids, decoder_input_ids=dec).logits
             torch.testing.assert_close(compiled(input_ids=ids, decoder_input_ids=dec).logits, ref,
-                                       rtol=1e-4, atol=1e-4)
+                                       **_tol(device))
 
 
-def test_mixtral_routed_experts_match_eager():
-    model = _mixtral().eval()
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixtral_routed_experts_match_eager(device):
+    model = _mixtral().eval().to(device)
     compiled = hpuopt.compile(model)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for batch, seq in SHAPES:
-            ids = torch.randint(1, VOCAB, (batch, seq), generator=gen)
+            ids = torch.randint(1, VOCAB, (batch, seq), generator=gen).to(device)
             torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits,
-                                       rtol=1e-4, atol=1e-4)
+                                       **_tol(device))
     assert any(not p.captured for p in compiled.explain().pieces)  # routing is split out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["compiled forward", "wrap_in_hpu_graph"])
-def test_generate_with_a_static_cache_gives_eagers_tokens(how):
-    model = _llama().eval()
+def test_generate_with_a_static_cache_gives_eagers_tokens(how, device):
+    model = _llama().eval().to(device)
     gen = torch.Generator().manual_seed(6)
-    ids, mask = _batch(gen, 2, 6, "left")
+    ids, mask = (t.to(device) for t in _batch(gen, 2, 6, "left"))
     kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -129,9 +140,10 @@ def test_generate_with_a_static_cache_gives_eagers_tokens(how):
     assert hpuopt.counters.replays > 0
 
 
-def test_training_steps_on_an_encoder_match_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_steps_on_an_encoder_match_eager(device):
     torch.manual_seed(7)
-    model = _bert().train()
+    model = _bert().train().to(device)
     for module in model.modules():  # dropout draws differ between eager and compiled runs
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -141,11 +153,12 @@ def test_training_steps_on_an_encoder_match_eager():
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(8)
     for batch, seq in SHAPES[:3]:
-        ids, mask = _batch(gen, batch, seq, "right")
+        ids, mask = (t.to(device) for t in _batch(gen, batch, seq, "right"))
         for m, o in ((compiled, opt), (ref, ref_opt)):
             o.zero_grad()
             out = m(input_ids=ids, attention_mask=mask).last_hidden_state
             (out * mask.unsqueeze(-1)).pow(2).mean().backward()
             o.step()
     for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, q, **(_tol(device) if device != "cpu" else
+                                            dict(rtol=1e-4, atol=1e-5)))
