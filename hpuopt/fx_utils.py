@@ -68,8 +68,9 @@ def packet_name(node: torch.fx.Node) -> str:
 
 
 def output_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
-    """The graph's output node (``Graph.output_node`` is missing on older torch)."""
-    return next(reversed(gm.graph.nodes))
+    """The graph's output node (``Graph.output_node`` is missing on older torch). The node list's
+    ``reversed`` is an iterable, not an iterator, on some torch releases (2.11)."""
+    return next(iter(reversed(gm.graph.nodes)))
 
 
 def placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

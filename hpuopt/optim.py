@@ -100,8 +100,10 @@ def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = N
     # scheduler warns when its own step() seems to come first); this call goes around that
     # wrapper. Set whether or not a scheduler is attached: only schedulers read it. (Under
     # torch.compile, Dynamo drops attribute writes to an optimizer whose update it traces, so a
-    # scheduler still warns once there; the module docstring says so.)
-    optimizer._opt_called = True
+    # scheduler still warns once there; the module docstring says so. Dynamo on torch 2.11
+    # refuses the write outright, so it is made only outside a trace.)
+    if not torch.compiler.is_compiling():
+        optimizer._opt_called = True
     update = undecorated_step(type(optimizer))
     if update is None:
         return optimizer.step() if closure is None else optimizer.step(closure)

@@ -18,7 +18,12 @@ runner copies CPU tensor inputs into device buffers; this module owns the device
   and ``capture_end`` directly rather than ``torch.cuda.graph``, whose ``__exit__`` skips
   restoring the current stream when ``capture_end`` raises. On failure the stream is restored,
   the capture is ended, and the pool it used is abandoned: a failed ``capture_end`` can leave a
-  private pool in capture mode, so later captures start a fresh pool.
+  private pool in capture mode, so later captures start a fresh pool. A failed ``capture_end``
+  also skips the generator's capture epilogue, which leaves the device's default CUDA generator
+  marked as capturing: every later random op outside a capture then raises ("Offset increment
+  outside graph capture"), and so does every replay of a graph that draws random numbers. An
+  empty capture on the same device runs the prologue and epilogue once more and clears the mark,
+  keeping the generator's state object that earlier graphs registered with.
 * **Pools by rule.** Graphs that share a pool must not have live outputs in memory another graph
   of the pool uses as scratch while that other graph replays. Each caller names its pool
   (``pool``): the runner of a piece uses one pool for all of its buckets, and at most one of
@@ -39,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -109,6 +115,7 @@ class CudaRuntime(SharedRuntime):
                 outputs = _record(graph, fn, static_inputs, pool.handle, stream)
             except BaseException as exc:
                 self._abandon(key, pool)
+                _end_generator_capture(stream)
                 if isinstance(exc, torch.OutOfMemoryError):
                     raise
                 if isinstance(exc, Exception):
@@ -204,6 +211,21 @@ def _record(graph: torch.cuda.CUDAGraph, fn: Callable[..., Sequence[Any]], input
         torch.cuda.set_stream(current)
     current.wait_stream(stream)
     return outputs
+
+
+def _end_generator_capture(stream: torch.cuda.Stream) -> None:
+    """Runs an empty capture on the current device so that the default generator's capture
+    epilogue runs after a failed ``capture_end`` skipped it (see the module docstring)."""
+    empty = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that the graph is empty: it is meant to be
+            empty.capture_begin(capture_error_mode="thread_local")
+            empty.capture_end()
+    except Exception:  # noqa: BLE001 - the original capture error is the one to report
+        log.warning("could not reset the CUDA generator after a failed capture", exc_info=True)
+    finally:
+        empty.reset()
 
 
 def _memory(device: torch.device) -> tuple[int, int]:
