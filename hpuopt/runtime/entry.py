@@ -262,11 +262,15 @@ def _lend(buf: torch.Tensor) -> torch.Tensor:
     return out
 
 
+STALE_READS_RAISE = hasattr(torch._C, "_set_storage_access_error_msg")
+"""Whether a read of an overwritten lent output raises (torch builds with CUDA support, on any
+device) or returns the newer values (the CPU-only build cannot mark a storage)."""
+
+
 def _mark_stale(t: torch.Tensor, piece: str) -> None:
-    """Makes a later read of ``t`` raise, where this torch build can (CUDA builds)."""
-    set_error = getattr(torch._C, "_set_storage_access_error_msg", None)
-    if set_error is not None:
-        set_error(
+    """Makes a later read of ``t`` raise, where this torch build can (:data:`STALE_READS_RAISE`)."""
+    if STALE_READS_RAISE:
+        torch._C._set_storage_access_error_msg(
             t,
             f"hpuopt: this output of {piece} was overwritten by a later call "
             "(clone_outputs=False); clone outputs you keep across calls",

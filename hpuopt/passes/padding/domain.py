@@ -38,6 +38,9 @@ class _Dim:
 class _Tensor:
     dims: tuple[_Dim | None, ...] | None  # None: no padded dim (rank possibly unknown)
     pad: int = ANY
+    iota: int | None = None
+    """An index fact: the value at every position equals the position along dim ``iota`` (an
+    ``arange`` through views, expands and ``+ 0``), in the real region and the pad alike."""
 
     @property
     def padded(self) -> bool:
@@ -45,6 +48,9 @@ class _Tensor:
 
     def dim(self, i: int) -> _Dim | None:
         return None if self.dims is None else self.dims[i]
+
+    def with_iota(self, iota: int | None) -> _Tensor:
+        return dataclasses.replace(self, iota=iota)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,17 +40,20 @@ def _like(content: int) -> RuleFn:
 
 
 def _arange(op: _Op) -> _Tensor:
+    """``arange(n)`` over a padded ``n`` is a padded dim whose pad holds the pad positions; from
+    0 in steps of 1 it carries the index fact (``iota``) that indexing rules read."""
     start, end, step = op.raw("start"), op.raw("end"), op.raw("step")
+    iota = 0 if start in (None, 0) and step in (None, 1) else None
     end_state = op.an.state_of(end)
     if isinstance(end_state, _Sym) and end_state.deps:
-        if start in (None, 0) and step in (None, 1) and end_state.exact is not None:
-            return _Tensor((end_state.exact,), FINITE)
+        if iota == 0 and end_state.exact is not None:
+            return _Tensor((end_state.exact,), FINITE, iota=0)
         raise _Unsafe("arange bounds are a function of the padded size")
     for name in ("start", "step"):
         s = op.state(name)
         if isinstance(s, _Sym) and s.deps:
             raise _Unsafe(f"arange {name} reads the padded size")
-    return _Tensor(None, FINITE)
+    return _Tensor(None, FINITE, iota=iota)
 
 
 def _random(op: _Op) -> Any:
