@@ -566,3 +566,18 @@ def test_outputs_survive_eviction(compile_fn):
     for out, expected in held:
         torch.testing.assert_close(out, expected)
     assert hpuopt.counters.evictions >= 3
+
+
+def test_a_non_dense_output_keeps_its_strides(compile_fn):
+    """An output sliced out of a row-padded buffer (how attention aligns a bias's rows) reaches
+    the caller with eager's strides, not as a dense clone: kernels read the alignment."""
+
+    def aligned(x):
+        return torch.nn.functional.pad(x * 2, (0, 16 - x.shape[-1] % 16))[..., : x.shape[-1]]
+
+    compiled = compile_fn(aligned)
+    for n in (7, 7, 9):
+        x = torch.randn(3, n)
+        ref, out = aligned(x), compiled(x)
+        torch.testing.assert_close(out, ref)
+        assert out.stride() == ref.stride() and not out.is_contiguous()

@@ -133,8 +133,32 @@ def empty_like_exact(t: torch.Tensor) -> torch.Tensor:
         buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     except RuntimeError:
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    if torch._debug_has_internal_overlap(writable(buf)) != 0:
+    if not _non_overlapping(writable(buf)):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return buf
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """No two positions of ``t`` share memory. (torch's own check answers "too hard" for any
+    non-contiguous layout, a row-padded one included.)"""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    reach = 1
+    for stride, size in dims:
+        if stride < reach:
+            return False
+        reach = stride * size
+    return True
+
+
+def clone_exact(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with ``t``'s strides. ``clone()`` makes a non-dense tensor dense, which
+    loses layouts kernels rely on: an attention bias sliced out of a row-padded buffer keeps its
+    aligned row stride only in a copy with the same strides (CUDA's memory-efficient attention
+    refuses a misaligned one)."""
+    if t.is_contiguous():
+        return t.clone()
+    buf = empty_like_exact(t)
+    copy_into(buf, t)
     return buf
 
 

@@ -44,6 +44,7 @@ from hpuopt.diagnostics.counters import counters
 from hpuopt.runtime.base import (
     CapturedGraph,
     Runtime,
+    clone_exact,
     copy_into,
     eager_forward,
     empty_like_exact,
@@ -159,7 +160,7 @@ class Entry:
             outs = list(outs)
         if clone:
             for i in escaping:
-                outs[i] = outs[i].clone()
+                outs[i] = clone_exact(outs[i])
         else:
             for i in escaping:
                 outs[i] = _lend(outs[i])
@@ -226,7 +227,7 @@ def capture(
         static[i] = args[i].detach()  # the storage as of now, like a recorded address
     warm = list(static)
     for i in roles.mutated:
-        warm[i] = static[i].clone()
+        warm[i] = clone_exact(static[i])
     if compile_for is not None:
         fn = compile_for(warm)
     start = time.perf_counter()
