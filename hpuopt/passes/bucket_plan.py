@@ -1,8 +1,8 @@
 """Plan, per static piece, which dynamic dimensions may be padded up to a bucket.
 
-What it finds: for each static piece of a split graph, the proposal "dim 0 of every activation
-input whose dim 0 is symbolic" (``padding.default_pad_dims``) judged by the padding-safety
-analysis (``padding.analyze_padding``). What it changes: nothing in the graph; it attaches the
+What it finds: for each static piece of a split graph, the proposal "every symbolic dim of every
+activation input" (batch, sequence, KV length, data-dependent counts; ``padding.plan_padding``)
+judged by the padding-safety analysis (``padding.analyze_padding``). What it changes: nothing in the graph; it attaches the
 :class:`~hpuopt.passes.padding.PaddingPlan` to the piece's ``call_module`` node as
 ``meta["hpuopt.padding"]``, where the backend reads it to give the piece's runner a bucket
 policy. Pieces whose plan pads nothing are captured per exact shape; the plan says why.
@@ -19,7 +19,7 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult
-from hpuopt.passes.padding import analyze_padding, default_pad_dims
+from hpuopt.passes.padding import plan_padding
 from hpuopt.records import PiecePadding
 
 
@@ -37,10 +37,9 @@ class BucketPlanPass(GraphPass):
             if info is None or not info.static:
                 continue
             piece = gm._modules[node.target]
-            proposal = default_pad_dims(piece)
-            if not proposal:
+            plan = plan_padding(piece)
+            if plan is None:
                 continue
-            plan = analyze_padding(piece, proposal)
             node.meta["hpuopt.padding"] = plan
             found.append(PiecePadding(node.target, plan))
         return PassResult(gm, False, tuple(found))

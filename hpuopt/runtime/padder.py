@@ -128,7 +128,12 @@ class Padder:
 def describe_padding(padder: Padder | None, plan: PaddingPlan | None) -> str:
     """What a piece pads, or why it runs at exact shapes (``""`` when nothing was proposed)."""
     if padder is not None:
-        return padder.describe()
+        exact = [v for v in plan.inputs if not v.safe] if plan is not None else []
+        if not exact:
+            return padder.describe()
+        why = "; ".join(str(r) for r in dict.fromkeys(r for v in exact for r in v.reasons[:1]))
+        dims = ", ".join(str(v.source) for v in exact)
+        return f"{padder.describe()}; exact sizes for {dims}: {why}"
     if plan is not None and plan.reasons:
         return "exact shapes: " + "; ".join(str(r) for r in plan.reasons[:3])
     return ""

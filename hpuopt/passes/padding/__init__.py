@@ -1,9 +1,10 @@
 """Padding-safety analysis: may a static piece run on inputs padded up to a shape bucket?
 
 The one public way to run it: :func:`analyze_padding` (judge a proposal ``{input: dim(s)}``),
-:func:`default_pad_dims` (the proposal ``bucket_plan`` makes: dim 0 of every input whose dim 0 is
-symbolic) and :class:`PaddingAnalysisPass` (the same as a stand-alone pass). The records of a
-verdict live in :mod:`hpuopt.records` and are re-exported here.
+:func:`default_pad_dims` (every symbolic dim of every input), :func:`plan_padding` (the plan
+``bucket_plan`` attaches: that proposal judged, falling back to dim 0 alone where that pads more)
+and :class:`PaddingAnalysisPass` (the same as a stand-alone pass). The records of a verdict live
+in :mod:`hpuopt.records` and are re-exported here.
 
     >>> plan = analyze_padding(gm, {0: 0})            # propose: input 0, dim 0
     >>> plan.safe, [str(d) for d in plan.outputs]
@@ -16,7 +17,7 @@ assembled), ``engine`` (the walk and the driver), ``analysis_pass`` (the pass).
 """
 
 from hpuopt.passes.padding.analysis_pass import PaddingAnalysisPass
-from hpuopt.passes.padding.engine import analyze_padding, default_pad_dims
+from hpuopt.passes.padding.engine import analyze_padding, default_pad_dims, plan_padding
 from hpuopt.records import (
     InputVerdict,
     OutputDim,
@@ -36,4 +37,5 @@ __all__ = [
     "UnsafeReason",
     "analyze_padding",
     "default_pad_dims",
+    "plan_padding",
 ]

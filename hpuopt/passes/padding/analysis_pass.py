@@ -14,7 +14,7 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult, Stage
-from hpuopt.passes.padding.engine import analyze_padding, default_pad_dims
+from hpuopt.passes.padding.engine import analyze_padding, plan_padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,8 @@ class PaddingAnalysisPass(GraphPass):
     """Finds which input dims a piece may pad to a bucket; never changes the graph.
 
     ``pad_dims``: an explicit proposal ``{placeholder index: dim or dims}``; ``None`` proposes
-    :func:`default_pad_dims` (dim 0 of every input whose dim 0 is symbolic).
+    :func:`plan_padding`'s proposal (every symbolic dim of every input, dim 0 alone where that
+    pads more).
     """
 
     name: ClassVar[str] = "padding_analysis"
@@ -40,6 +41,8 @@ class PaddingAnalysisPass(GraphPass):
             object.__setattr__(self, "pad_dims", norm)
 
     def run(self, gm: torch.fx.GraphModule, config: Config) -> PassResult:
-        proposal = default_pad_dims(gm) if self.pad_dims is None else dict(self.pad_dims)
-        plan = analyze_padding(gm, proposal, allow_zero_pad=self.allow_zero_pad)
+        if self.pad_dims is None:
+            plan = plan_padding(gm, self.allow_zero_pad) or analyze_padding(gm, {})
+        else:
+            plan = analyze_padding(gm, dict(self.pad_dims), allow_zero_pad=self.allow_zero_pad)
         return PassResult(gm, modified=False, findings=(plan,))

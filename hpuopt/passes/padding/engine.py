@@ -21,6 +21,7 @@ lists the guarantees.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ import torch
 import torch.fx
 
 from hpuopt.fx_utils import MISSING, node_value, op_name, placeholders, source_line
+from hpuopt.passes.padding import index_facts
 from hpuopt.passes.padding.binding import _mutated_args, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _POISON,
@@ -246,6 +248,8 @@ class _Analysis:
         if target in _SYM_SIZE_OPS:
             return self._sym_size(node)
         if not involved:
+            if index_facts.carries(node, self.states):
+                return index_facts.propagate(node, self.states, self._unpadded_result(node))
             return self._unpadded_result(node)
         op = _Op(self, node)
         self._check_mutation(op)
@@ -253,7 +257,7 @@ class _Analysis:
         self._check_value_uses(op, rule.size_args if rule else frozenset())
         if rule is None:
             rule = _tagged_rule(target)
-        result = rule.fn(op)
+        result = index_facts.propagate(node, self.states, rule.fn(op))
         self._check_extents(node, result)
         self._write_back(op, result)
         return result
@@ -491,13 +495,38 @@ def _drop_failed(analysis: _Analysis, live: list[PadSource],
     return dropped
 
 
-def default_pad_dims(gm: torch.fx.GraphModule) -> dict[int, int]:
-    """Dim 0 of every non-parameter tensor input whose dim 0 is symbolic in ``meta``."""
-    proposal: dict[int, int] = {}
+def default_pad_dims(gm: torch.fx.GraphModule, first_only: bool = False,
+                     ) -> dict[int, list[int]]:
+    """Every symbolic dim of every non-parameter tensor input (``first_only``: dim 0 alone)."""
+    proposal: dict[int, list[int]] = {}
     for index, node in enumerate(placeholders(gm)):
         val = node_value(node)
-        if isinstance(val, torch.Tensor) and not isinstance(val, torch.nn.Parameter) \
-                and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt) \
-                and not isinstance(val.shape[0].node.expr, sympy.Integer):
-            proposal[index] = 0
+        if not isinstance(val, torch.Tensor) or isinstance(val, torch.nn.Parameter):
+            continue
+        dims = [d for d, n in enumerate(val.shape[:1] if first_only else val.shape)
+                if isinstance(n, torch.SymInt) and not isinstance(n.node.expr, sympy.Integer)]
+        if dims:
+            proposal[index] = dims
     return proposal
+
+
+def plan_padding(gm: torch.fx.GraphModule, allow_zero_pad: bool = True) -> PaddingPlan | None:
+    """The plan ``bucket_plan`` attaches: every varying dim proposed (batch, sequence, counts).
+
+    Dropping the sources an unsafe node implicates can drop a batch dim together with the
+    sequence dim that made the node unsafe; when proposing dim 0 alone pads more, that plan is
+    kept, with the other dims' verdicts from the full proposal so ``explain`` still says why
+    they run at exact sizes. ``None`` when no input has a varying dim.
+    """
+    proposal = default_pad_dims(gm)
+    if not proposal:
+        return None
+    full = analyze_padding(gm, proposal, allow_zero_pad=allow_zero_pad)
+    if all(v.safe for v in full.inputs if v.source.dim == 0):
+        return full
+    first = analyze_padding(gm, default_pad_dims(gm, first_only=True),
+                            allow_zero_pad=allow_zero_pad)
+    if len(first.padded) <= len(full.padded):
+        return full
+    extra = tuple(v for v in full.inputs if v.source.dim != 0)
+    return dataclasses.replace(first, inputs=first.inputs + extra)

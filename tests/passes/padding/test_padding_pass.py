@@ -23,9 +23,9 @@ def test_pass_default_proposal_and_result() -> None:
     assert isinstance(result, PassResult) and result.modified is False
     assert result.graph_module is gm and gm.code == before
     (plan,) = result.findings
-    # make_fx(symbolic) makes every dim symbolic: both inputs are proposed; padding the weight's
-    # dim 0 would pad the output features, which meets nothing unpadded here, so both are safe.
-    assert {v.source for v in plan.inputs} == {PadSource(0, 0), PadSource(1, 0)}
+    # make_fx(symbolic) makes every dim symbolic: every dim of both inputs is proposed; padding
+    # the weight's dim 0 would pad the output features, which meets nothing unpadded here.
+    assert {v.source for v in plan.inputs} == {PadSource(i, d) for i in (0, 1) for d in (0, 1)}
     assert plan.verdict(0, 0).safe
     assert PaddingAnalysisPass.name == "padding_analysis"
     assert PaddingAnalysisPass.stage == "post_aot"
@@ -55,11 +55,16 @@ def test_aot_training_graphs_need_zero_pad_for_weight_gradients() -> None:
     compiled(rand(5, 4), rand(6, 4, seed=1).requires_grad_()).sum().backward()
     fw, bw = graphs
     (fw_plan,) = PaddingAnalysisPass().run(fw, Config()).findings
-    assert [v.source for v in fw_plan.inputs] == [PadSource(0, 0)]  # the weight's dim 0 is static
-    assert fw_plan.safe and fw_plan.required_pad_value is None
+    # dynamic=True makes the feature dims symbolic too: the contraction over them is exact only
+    # with both operands zero-padded alike.
+    assert PadSource(0, 0) in fw_plan.padded
+    contracted = {PadSource(0, 1), PadSource(1, 1)} <= set(fw_plan.padded)
+    assert fw_plan.required_pad_value == (0.0 if contracted else None)
     assert {o.output for o in fw_plan.outputs} == set(range(6))  # output and saved activations
     # The backward sums the weight gradient over the batch: exact with zero-padded inputs only.
     (bw_plan,) = PaddingAnalysisPass().run(bw, Config()).findings
-    assert len(bw_plan.inputs) == 6 and bw_plan.safe and bw_plan.required_pad_value == 0.0
+    assert len({v.source.input for v in bw_plan.inputs}) == 6
+    assert all(bw_plan.verdict(v.source.input, 0).safe for v in bw_plan.inputs)
+    assert bw_plan.required_pad_value == 0.0
     (strict,) = PaddingAnalysisPass(allow_zero_pad=False).run(bw, Config()).findings
-    assert not strict.safe and "aten.mm.default" in reason_ops(strict)
+    assert not strict.verdict(0, 0).safe and "aten.mm.default" in reason_ops(strict)

@@ -2,16 +2,27 @@
 ``index.Tensor`` (gathering rows), and the scatter/gather family.
 
 Padded *indices* are safe only with pad value 0 (index 0 is a valid row; arbitrary pad contents
-could be out of range); a padded tensor indexed by data is unsafe. Rules 5 and 8 of
+could be out of range); a padded tensor indexed by data is unsafe, unless every index is its own
+position (the index fact of ``index_facts.py``: ``arange`` along the indexed dim), which makes
+the gather position-preserving. Rules 5 and 8 of
 ``docs/padding.md``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from hpuopt.passes.padding.binding import Row, _Op, _Rule
-from hpuopt.passes.padding.domain import _UNPADDED, FINITE, ZERO, _Tensor, _Unsafe
+from hpuopt.passes.padding.domain import (
+    _UNPADDED,
+    FINITE,
+    ZERO,
+    _same,
+    _same_dim,
+    _Tensor,
+    _Unsafe,
+)
 
 
 def _index_select(op: _Op) -> _Tensor:
@@ -57,6 +68,9 @@ def _index_tensor(op: _Op) -> _Tensor:
     st = op.tensor("self")
     indices = op.raw("indices")
     given = [k for k, t in enumerate(indices) if t is not None]
+    gathered = _position_preserving(op, st, indices, given)
+    if gathered is not None:
+        return gathered
     if st.padded or len(given) != 1:
         raise _Unsafe("advanced indexing of a padded tensor: indices are data (negative ones "
                       "wrap into the pad)")
@@ -69,6 +83,43 @@ def _index_tensor(op: _Op) -> _Tensor:
     rank = op.rank("self")
     dims = (None,) * k + tuple(idx.dims or (None,) * idx_rank) + (None,) * (rank - k - 1)
     return _Tensor(dims, FINITE)
+
+
+def _position_preserving(op: _Op, st: _Tensor, indices: Sequence[Any],
+                         given: list[int]) -> _Tensor | None:
+    """``self[i_0, ..., i_m]`` where each index is an ``arange`` over its own indexed dim (the
+    index fact), broadcast against the others: result position ``p`` reads ``self`` at ``p``, so
+    padded dims carry over with their pad contents. ``None`` when the indices are not such."""
+    if not given or given != list(range(given[0], given[0] + len(given))):
+        return None
+    k0, rank, out_shape = given[0], op.rank("self"), op.out_shape()
+    width = len(out_shape) - (rank - len(given))  # the broadcast indices' rank
+    self_shape = op.shape("self")
+    dims: list[Any] = [None] * len(out_shape)
+    placed: set[int] = set()
+    for k in given:
+        idx = op.an.state_of(indices[k])
+        if not isinstance(idx, _Tensor) or idx.iota is None:
+            return None
+        shape = op.an.shape_of(indices[k])
+        where = idx.iota + width - len(shape)
+        if where in placed or not _same(shape[idx.iota], self_shape[k]) or any(
+                not _same(n, 1) for i, n in enumerate(shape) if i != idx.iota):
+            return None
+        placed.add(where)
+        own, along = st.dim(k), idx.dim(idx.iota)
+        if (own is None) != (along is None):
+            raise _Unsafe(f"indexing dim {k} with positions that are padded differently from it")
+        if own is not None and along is not None:
+            if not _same_dim(own, along):
+                raise _Unsafe(f"indexing dim {k} with positions laid out differently from it")
+            op.an.tie(own.source, along.source)
+        dims[k0 + where] = own
+    for i in range(k0):
+        dims[i] = st.dim(i)
+    for i in range(k0 + len(given), rank):
+        dims[i - len(given) + width] = st.dim(i)
+    return _Tensor(tuple(dims), st.pad if st.padded else FINITE)
 
 
 def _indexing_unsafe(op: _Op) -> Any:

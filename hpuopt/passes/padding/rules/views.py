@@ -106,6 +106,13 @@ def _check_size_args(op: _Op, dims: Sequence[_Dim | None], name: str) -> None:
         if d is not None and isinstance(size, int) and size != -1:
             raise _Unsafe(f"size argument {j} bakes the traced extent {size} of the padded "
                           f"{d.source} into the graph", {d.source})
+        if d is not None and isinstance(size, torch.fx.Node):
+            if not deps:  # a size of its own (another input): it stays at its real value
+                raise _Unsafe(f"size argument {j} ({size.name}) does not follow the padded "
+                              f"extent of {d.source}: it keeps its real value while the tensor "
+                              "is padded", {d.source})
+            if st.exact is not None and _same_dim(st.exact, d):
+                op.an.tie(st.exact.source, d.source)
         if d is None and deps:
             raise _Unsafe(f"size argument {j} depends on the padded size but the dim does not "
                           "carry it", deps)

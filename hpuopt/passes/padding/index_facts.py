@@ -1,0 +1,121 @@
+"""Index facts: which tensors hold their own positions (``arange`` and what keeps its values).
+
+An index built by ``arange`` and carried through views, expands, ``+ 0`` and integer casts
+holds, at every position, the position along one dim (``_Tensor.iota``). Indexing a tensor with
+such indices along each indexed dim is a position-preserving gather: result position ``p``
+reads the source at ``p``, so a padded source dim becomes a padded result dim with the same pad
+contents. That is how transformers builds its masks (``padding_mask[batch_idx, kv_idx]`` with
+``batch_idx`` and ``kv_idx`` from ``arange``), so the fact lets masked pieces be padded.
+
+:func:`propagate` runs after every transfer rule (and on nodes no padded value reaches) and sets
+the fact on the result where the op keeps the values; every other op drops it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from hpuopt.fx_utils import node_value
+from hpuopt.passes.padding.domain import _UNPADDED, _same, _Tensor
+
+aten = torch.ops.aten
+
+_VALUE_KEEPING = frozenset({"clone", "alias", "detach", "contiguous", "lift_fresh_copy",
+                            "_to_copy", "to", "_assert_tensor_metadata"})
+_RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze",
+                       "_reshape_alias", "view_copy", "unsqueeze_copy", "squeeze_copy"})
+_CARRIERS = _VALUE_KEEPING | _RESHAPES | {"expand", "slice", "add", "sub", "permute",
+                                          "transpose", "arange"}
+
+
+def carries(node: torch.fx.Node, states: dict[torch.fx.Node, Any]) -> bool:
+    """Whether ``node`` may keep an index fact of one of its inputs (or make one: ``arange``)."""
+    packet = node.target.overloadpacket.__name__  # type: ignore[union-attr]
+    if packet not in _CARRIERS:
+        return False
+    if packet == "arange":
+        return True
+    first = node.args[0] if node.args else None
+    st = states.get(first) if isinstance(first, torch.fx.Node) else None
+    return isinstance(st, _Tensor) and st.iota is not None
+
+
+def propagate(node: torch.fx.Node, states: dict[torch.fx.Node, Any], result: Any) -> Any:
+    """``result`` with the index fact the op keeps from its first operand, or without one."""
+    if not isinstance(result, _Tensor):
+        return result
+    if node.target.overloadpacket.__name__ == "arange":  # type: ignore[union-attr]
+        return result if result.iota is not None else result.with_iota(_arange_iota(node))
+    first = node.args[0] if node.args else None
+    st = states.get(first, _UNPADDED) if isinstance(first, torch.fx.Node) else _UNPADDED
+    iota = _kept(node, first, st) if isinstance(st, _Tensor) and st.iota is not None else None
+    return result if result.iota == iota else result.with_iota(iota)
+
+
+def _arange_iota(node: torch.fx.Node) -> int | None:
+    """0 for ``arange(n)``, ``arange(0, n)`` and ``arange(0, n, 1)``; else no fact."""
+    args = list(node.args)
+    if node.target is aten.arange.default or len(args) < 2:
+        return 0
+    start = args[0]
+    step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+    return 0 if start == 0 and step == 1 else None
+
+
+def _kept(node: torch.fx.Node, first: torch.fx.Node, st: _Tensor) -> int | None:
+    packet = node.target.overloadpacket.__name__  # type: ignore[union-attr]
+    out, src = node_value(node), node_value(first)
+    if not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor):
+        return None
+    iota = st.iota
+    if packet in _VALUE_KEEPING:
+        keeps = not out.dtype.is_floating_point and not out.dtype.is_complex \
+            and out.dtype != torch.bool
+        return iota if keeps and out.dim() == src.dim() else None
+    if packet in ("add", "sub"):
+        other = node.args[1] if len(node.args) > 1 else None
+        alpha = node.kwargs.get("alpha", 1)
+        return iota if isinstance(other, int) and other == 0 and alpha == 1 else None
+    if packet == "expand":
+        return iota + out.dim() - src.dim()
+    if packet == "slice":
+        dim = node.args[1] if len(node.args) > 1 else 0
+        start = node.args[2] if len(node.args) > 2 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        if dim % src.dim() != iota:
+            return iota
+        return iota if start in (None, 0) and step == 1 else None
+    if packet in ("permute", "transpose"):
+        order = _order(node, src.dim())
+        return order.index(iota) if order is not None else None
+    if packet in _RESHAPES:
+        return _reshaped(src.shape, out.shape, iota)
+    return None
+
+
+def _order(node: torch.fx.Node, rank: int) -> list[int] | None:
+    if node.target.overloadpacket.__name__ == "permute":  # type: ignore[union-attr]
+        dims = node.args[1]
+        return [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None
+    a, b = node.args[1], node.args[2]
+    if not (isinstance(a, int) and isinstance(b, int)):
+        return None
+    order = list(range(rank))
+    order[a % rank], order[b % rank] = order[b % rank], order[a % rank]
+    return order
+
+
+def _reshaped(src: Any, out: Any, iota: int) -> int | None:
+    """The index dim after a reshape that only adds or drops size-1 dims around it."""
+    if any(not _same(n, 1) for i, n in enumerate(src) if i != iota):
+        return None
+    extent = src[iota]
+    big = [j for j, n in enumerate(out) if not _same(n, 1)]
+    if len(big) == 1 and _same(out[big[0]], extent):
+        return big[0]
+    if not big and _same(extent, 1):
+        return 0 if len(out) else None
+    return None
