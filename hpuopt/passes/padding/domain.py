@@ -28,10 +28,27 @@ class _Dim:
     source: PadSource
     factor: Any = 1  # int | torch.SymInt (not hashable: never put a _Dim in a set)
     offset: Any = 0  # int | torch.SymInt
+    parts: tuple[tuple[_Dim | None, Any], ...] | None = None
+    """A merged dim (``[B, S, H] -> [B*S, H]`` with ``B`` and ``S`` padded): each merged dim's
+    state and traced extent, outermost first. Position ``p`` is real when every part's index
+    is; the rest is pad. Row-wise ops keep it, a reshape back splits it into its parts, and an
+    output cannot carry it (no single ``narrow`` cuts it back). ``source`` is the first padded
+    part's."""
 
     @property
     def shifted(self) -> bool:
         return not _same(self.offset, 0)
+
+    @property
+    def sources(self) -> tuple[PadSource, ...]:
+        if self.parts is None:
+            return (self.source,)
+        return tuple(s for d, _ in self.parts if d is not None for s in d.sources)
+
+    @staticmethod
+    def merged(parts: tuple[tuple[_Dim | None, Any], ...]) -> _Dim:
+        first = next(d for d, _ in parts if d is not None)
+        return _Dim(first.source, parts=parts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,7 +89,7 @@ class _Unsafe(Exception):
 
 def _state_sources(state: Any) -> Iterator[PadSource]:
     if isinstance(state, _Tensor) and state.dims is not None:
-        yield from (d.source for d in state.dims if d is not None)
+        yield from (s for d in state.dims if d is not None for s in d.sources)
     elif isinstance(state, _Sym):
         yield from state.deps
     elif isinstance(state, (tuple, list)):
@@ -85,7 +102,22 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _same_dim(a: _Dim, b: _Dim) -> bool:
+    if a.parts is not None or b.parts is not None:
+        return a.parts is not None and b.parts is not None and len(a.parts) == len(b.parts) \
+            and all(_same(na, nb) and ((da is None and db is None) or (
+                da is not None and db is not None and _same_dim(da, db)))
+                for (da, na), (db, nb) in zip(a.parts, b.parts))
     return _same(a.offset, b.offset) and _same(a.factor, b.factor)
+
+
+def _dim_pairs(a: _Dim, b: _Dim) -> Iterator[tuple[PadSource, PadSource]]:
+    """The sources two same-layout dims pair up (to be tied to one bucket)."""
+    if a.parts is None or b.parts is None:
+        yield a.source, b.source
+        return
+    for (da, _), (db, _) in zip(a.parts, b.parts):
+        if da is not None and db is not None:
+            yield from _dim_pairs(da, db)
 
 
 def _prod(values: Iterable[Any]) -> Any:

@@ -39,6 +39,7 @@ from hpuopt.passes.padding.domain import (
     _UNPADDED,
     ZERO,
     _Dim,
+    _dim_pairs,
     _same,
     _state_sources,
     _Sym,
@@ -104,6 +105,11 @@ class _Analysis:
     def tie(self, a: PadSource, b: PadSource) -> None:
         if a != b:
             self.ties[(min(a, b), max(a, b))] = None
+
+    def tie_dims(self, a: _Dim, b: _Dim) -> None:
+        """Ties the sources of two dims of the same layout (part by part for merged dims)."""
+        for x, y in _dim_pairs(a, b):
+            self.tie(x, y)
 
     def require_zero(self, what: str) -> None:
         """Records that ``what`` is exact only with zero padding; raises if that is not allowed."""
@@ -361,6 +367,10 @@ class _Analysis:
             for d, dim in enumerate(st.dims or ()):
                 if dim is None:
                     continue
+                if dim.parts is not None:
+                    raise _Unsafe(f"output {k} dim {d} merges padded dims: pad positions "
+                                  "interleave with real ones, so no slice cuts it back",
+                                  set(dim.sources))
                 scale, scale_dims = self._express(dim.factor, dim.source)
                 self.outputs.append(OutputDim(k, d, dim.source, scale, scale_dims, dim.shifted))
 

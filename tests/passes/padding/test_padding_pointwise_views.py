@@ -51,10 +51,28 @@ def test_merging_view_with_row_ops_is_safe_and_slices_by_factor() -> None:
     check_padded_run(gm, plan, [x, w], 8)
 
 
-def test_merging_padded_dim_as_inner_dim_is_unsafe() -> None:
+def test_merging_padded_dim_as_inner_dim_is_unsafe_at_the_output() -> None:
+    """The merged dim interleaves pad with real positions: fine for row-wise ops, but no slice
+    of an output cuts it back."""
     gm = trace(lambda x: x.t().reshape(-1) * 2, rand(5, 4))
     r = only_reason(analyze_padding(gm, {0: 0}))
-    assert r.op == "aten._unsafe_view.default" and "inner dim" in r.why
+    assert r.op == "output" and "merges padded dims" in r.why
+
+
+def test_merged_padded_dims_split_back_are_safe() -> None:
+    """``[B, S, H] -> [B*S, H] -> mm -> [B, S, H']``: how a linear layer runs on a batch of
+    sequences; both padded dims survive the round trip."""
+    x, w = rand(3, 5, 4), rand(4, 6, seed=1)
+
+    def f(x, w):
+        b, s, h = x.shape
+        return (x.reshape(b * s, h) @ w).reshape(b, s, -1).relu()
+
+    gm = trace(f, x, w)
+    plan = analyze_padding(gm, {0: [0, 1]})
+    assert plan.safe and {(o.dim, o.source) for o in plan.outputs} == {
+        (0, PadSource(0, 0)), (1, PadSource(0, 1))}
+    check_padded_run(gm, plan, [x, w], 8)
 
 
 def test_transpose_then_per_row_ops_is_safe() -> None:
@@ -71,3 +89,23 @@ def test_cat_after_a_fixed_prefix_is_safe_and_shifted() -> None:
     plan = analyze_padding(gm, {1: 0}, allow_zero_pad=False)
     assert plan.safe and plan.outputs == (OutputDim(0, 0, PadSource(1, 0), shifted=True),)
     check_padded_run(gm, plan, [cache, x], 8)
+
+
+def test_a_sum_over_an_outer_product_of_two_padded_inputs() -> None:
+    """``x[:, None] * y[None, :]`` is padded along both dims; with zero padding every pad
+    position holds a zero factor, so summing over either dim is exact."""
+    x, y = rand(5), rand(6, seed=1)
+    gm = trace(lambda x, y: (x[:, None] * y[None, :]).sum(1), x, y)
+    plan = analyze_padding(gm, {0: 0, 1: 0})
+    assert plan.safe and plan.required_pad_value == 0.0
+    check_padded_run(gm, plan, [x, y], 8)
+
+
+def test_adding_tensors_padded_along_different_dims_brings_real_values_into_the_pad() -> None:
+    """``x[:, None] + y[None, :]``: at (real i, pad j) the sum holds ``x[i]``, not zero, so a
+    sum over dim 1 is not exact even with zero padding."""
+    x, y = rand(5), rand(6, seed=1)
+    gm = trace(lambda x, y: (x[:, None] + y[None, :]).sum(1), x, y)
+    plan = analyze_padding(gm, {0: 0, 1: 0})
+    assert not plan.verdict(1, 0).safe
+    check_padded_run(gm, plan, [x, y], 8)

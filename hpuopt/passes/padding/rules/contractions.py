@@ -27,16 +27,15 @@ def _contract(op: _Op, a: str, b: str, a_k: int, b_k: int,
                           "into every real output (exact only with zero padding of an operand "
                           "whose pad stays zero)", {ka.source, kb.source})
         op.an.require_zero(f"contraction over the padded {ka.source}")
-        if ka.source != kb.source:
-            op.an.tie(ka.source, kb.source)
+        op.an.tie_dims(ka, kb)
     dims: list[_Dim | None] = []
     for entry in out:
         ds = [op.tensor(entry[k]).dim(entry[k + 1]) for k in range(0, len(entry), 2)]  # type: ignore[arg-type]
         present = [d for d in ds if d is not None]
         if len(present) == 2 and not _same_dim(present[0], present[1]):
             raise _Unsafe("batch dims of a matmul carry the padded extent differently")
-        if len(present) == 2 and present[0].source != present[1].source:
-            op.an.tie(present[0].source, present[1].source)
+        if len(present) == 2:
+            op.an.tie_dims(present[0], present[1])
         if len(present) == 1 and len(ds) == 2:
             raise _Unsafe("batch dim of a matmul is padded in one operand only")
         dims.append(present[0] if present else None)

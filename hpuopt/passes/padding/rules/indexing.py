@@ -113,7 +113,7 @@ def _position_preserving(op: _Op, st: _Tensor, indices: Sequence[Any],
         if own is not None and along is not None:
             if not _same_dim(own, along):
                 raise _Unsafe(f"indexing dim {k} with positions laid out differently from it")
-            op.an.tie(own.source, along.source)
+            op.an.tie_dims(own, along)
         dims[k0 + where] = own
     for i in range(k0):
         dims[i] = st.dim(i)

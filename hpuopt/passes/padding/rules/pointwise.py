@@ -22,12 +22,44 @@ from hpuopt.passes.padding.rules.shapes import _broadcast
 aten = torch.ops.aten
 
 
-def _pw_pad(op: _Op, kind: str, operands: Sequence[str], unary: tuple[int, int]) -> int:
+def _padded_at(op: _Op, name: str, st: _Tensor, dims: Sequence[Any]) -> set[int]:
+    """The result dims along which operand ``name`` is padded (broadcast from the right)."""
+    shape = op.shape(name) if isinstance(op.raw(name), torch.fx.Node) else ()
+    lead = len(dims) - len(shape)
+    return {j for j in range(lead, len(dims)) if st.dim(j - lead) is not None}
+
+
+def _covers(op: _Op, name: str, st: _Tensor, dims: Sequence[Any]) -> bool:
+    """Whether operand ``name`` is padded along every padded dim of the result: only then is
+    each pad position of the result a pad position of the operand. Elsewhere (an operand padded
+    along one dim, the result along two) the operand brings real values into the result's pad."""
+    return {j for j, d in enumerate(dims) if d is not None} <= _padded_at(op, name, st, dims)
+
+
+def _zero_product(op: _Op, operands: Sequence[str], dims: Sequence[Any]) -> bool:
+    """A product is zero at every pad position when each of them lies in the pad of some
+    operand whose pad is zero (the others finite there)."""
+    covered: set[int] = set()
+    for name in operands:
+        st = op.state(name)
+        if isinstance(st, _Tensor) and st.padded:
+            if st.pad == ZERO:
+                covered |= _padded_at(op, name, st, dims)
+            elif st.pad > FINITE:
+                return False
+    return {j for j, d in enumerate(dims) if d is not None} <= covered
+
+
+def _pw_pad(op: _Op, kind: str, operands: Sequence[str], unary: tuple[int, int],
+            dims: Sequence[Any] = ()) -> int:
     facts: list[int] = []
     for name in operands:
         v = op.raw(name)
         st = op.state(name)
         if isinstance(st, _Tensor):
+            if st.padded and not _covers(op, name, st, dims):
+                facts.append(max(st.pad, FINITE))  # real (finite) values reach the pad too
+                continue
             facts.append(st.pad if st.padded else FINITE)
         elif isinstance(v, (list, tuple)):
             continue
@@ -49,7 +81,7 @@ def _pw_pad(op: _Op, kind: str, operands: Sequence[str], unary: tuple[int, int])
     if kind == "add":
         return worst
     if kind == "mul":
-        if worst <= FINITE and ZERO in facts:
+        if worst <= FINITE and (ZERO in facts or _zero_product(op, operands, dims)):
             return ZERO
         return FINITE if worst <= FINITE else ANY
     if kind == "div":
@@ -72,7 +104,7 @@ def _pointwise(kind: str = "any", unary: tuple[int, int] = (ANY, ANY),
         ]
         dims = _broadcast(op, operands)
         value_ops = [n for n in operands if n not in ("condition", "mask")]
-        return _Tensor(dims, _pw_pad(op, kind, value_ops, unary))
+        return _Tensor(dims, _pw_pad(op, kind, value_ops, unary, dims))
 
     return rule
 

@@ -35,8 +35,8 @@ def _broadcast(op: _Op, operands: Sequence[str]) -> tuple[_Dim | None, ...]:
                 dims[j] = d
             elif not _same_dim(cur, d):
                 raise _Unsafe(f"dim {j}: operands carry the padded extent with different layouts")
-            elif cur.source != d.source:
-                op.an.tie(cur.source, d.source)
+            else:
+                op.an.tie_dims(cur, d)
     for j, d in enumerate(dims):
         if d is None:
             continue

@@ -73,9 +73,13 @@ def _reshape(op: _Op) -> _Tensor:
     for ga, gb in _group_dims(in_shape, out_shape):
         states = [st.dim(i) for i in ga]
         head = states[0]
+        if any(s is not None and s.parts is not None for s in states):
+            _split_merged(states, ga, gb, in_shape, out_shape, dims)
+            continue
         if any(s is not None for s in states[1:]):
-            raise _Unsafe("reshape merges the padded dim as an inner dim: pad interleaves with "
-                          "real positions", {s.source for s in states[1:] if s is not None})
+            dims[_merge_target(states, gb, out_shape)] = _Dim.merged(
+                tuple((s, in_shape[i]) for s, i in zip(states, ga)))
+            continue
         if head is None:
             continue
         rest = _prod(in_shape[i] for i in ga[1:])
@@ -95,6 +99,40 @@ def _reshape(op: _Op) -> _Tensor:
     return _Tensor(tuple(dims), st.pad)
 
 
+def _merge_target(states: Sequence[_Dim | None], gb: Sequence[int], out_shape: Sequence[Any]
+                  ) -> int:
+    """The output dim a group with a padded inner dim merges into (``[B, S] -> [B*S]``)."""
+    big = [j for j in gb if not _same(out_shape[j], 1)]
+    if len(big) != 1:
+        raise _Unsafe("reshape regroups padded dims across several output dims",
+                      {x for s in states if s is not None for x in s.sources})
+    for s in states:
+        if s is not None and (s.shifted or not _same(s.factor, 1) or s.parts is not None):
+            raise _Unsafe("reshape merges a padded dim whose extent is scaled or shifted",
+                          set(s.sources))
+    return big[0]
+
+
+def _split_merged(states: Sequence[_Dim | None], ga: Sequence[int], gb: Sequence[int],
+                  in_shape: Sequence[Any], out_shape: Sequence[Any],
+                  dims: list[_Dim | None]) -> None:
+    """A merged dim kept whole, or split back into exactly the dims it merged."""
+    merged = states[0]
+    if len(ga) != 1 or merged is None or merged.parts is None:
+        raise _Unsafe("reshape merges a merged padded dim with other dims",
+                      {x for s in states if s is not None for x in s.sources})
+    big = [j for j in gb if not _same(out_shape[j], 1)]
+    if len(big) == 1 and _same(out_shape[big[0]], in_shape[ga[0]]):
+        dims[big[0]] = merged
+        return
+    parts = [(d, n) for d, n in merged.parts if not _same(n, 1)]
+    if len(big) != len(parts) or not all(_same(out_shape[j], n) for j, (_, n) in zip(big, parts)):
+        raise _Unsafe("reshape splits merged padded dims other than back into their own dims",
+                      set(merged.sources))
+    for j, (d, _) in zip(big, parts):
+        dims[j] = d
+
+
 def _check_size_args(op: _Op, dims: Sequence[_Dim | None], name: str) -> None:
     """A padded output dim's size argument must follow the padded size (``-1`` or symbolic)."""
     sizes = op.raw(name)
@@ -112,7 +150,7 @@ def _check_size_args(op: _Op, dims: Sequence[_Dim | None], name: str) -> None:
                               f"extent of {d.source}: it keeps its real value while the tensor "
                               "is padded", {d.source})
             if st.exact is not None and _same_dim(st.exact, d):
-                op.an.tie(st.exact.source, d.source)
+                op.an.tie_dims(st.exact, d)
         if d is None and deps:
             raise _Unsafe(f"size argument {j} depends on the padded size but the dim does not "
                           "carry it", deps)
@@ -273,8 +311,8 @@ def _cat(op: _Op) -> _Tensor:
                 dims[j] = d
             elif not _same_dim(dims[j], d):  # type: ignore[arg-type]
                 raise _Unsafe(f"cat operands carry the padded extent differently on dim {j}")
-            elif dims[j].source != d.source:  # type: ignore[union-attr]
-                op.an.tie(dims[j].source, d.source)  # type: ignore[union-attr]
+            else:
+                op.an.tie_dims(dims[j], d)  # type: ignore[arg-type]
         if dims[j] is not None and any(d is None for d, _ in entries):
             raise _Unsafe(f"cat: padded dim {j} meets an unpadded operand of the same extent")
     pads = [s.pad for s in states if isinstance(s, _Tensor) and s.padded]
@@ -295,8 +333,7 @@ def _stack(op: _Op) -> _Tensor:
                 raise _Unsafe(f"stack: operands carry the padded extent differently on dim {j}")
             dims[j] = ds[0]
             for d in ds[1:]:
-                if d.source != ds[0].source:  # type: ignore[union-attr]
-                    op.an.tie(ds[0].source, d.source)  # type: ignore[union-attr]
+                op.an.tie_dims(ds[0], d)  # type: ignore[arg-type]
     dims.insert(dim, None)
     pads = [s.pad for s in states if isinstance(s, _Tensor) and s.padded]
     return _Tensor(tuple(dims), max(pads) if pads else FINITE)
