@@ -233,6 +233,12 @@ class PaddingPlan:
     size_inputs: tuple[SizeInput, ...] = ()
     ties: tuple[tuple[PadSource, PadSource], ...] = ()
     """Pairs of sources that meet on one dim: they must be padded to the same bucket."""
+    equal_sizes: tuple[tuple[PadSource, PadSource], ...] = ()
+    """Pairs of sources whose real sizes must be equal for the plan to hold (a mask gathered at
+    the positions of another input's ``arange``): a call where they differ runs exact."""
+    positive_inputs: tuple[int, ...] = ()
+    """0-dim inputs the plan needs positive (an RMS norm's ``eps`` passed as a tensor): a call
+    where one is not runs exact."""
 
     @property
     def safe(self) -> bool:

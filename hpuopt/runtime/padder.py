@@ -62,6 +62,12 @@ class Padder:
         for a, b in self.plan.ties:
             if a in out and b in out and out[a][1] != out[b][1]:
                 return None
+        for a, b in self.plan.equal_sizes:
+            if a in out and b in out and out[a][0] != out[b][0]:
+                return None
+        for i in self.plan.positive_inputs:
+            if not _positive_host_value(args[i]):
+                return None
         return out
 
     def prepare(
@@ -123,6 +129,14 @@ class Padder:
         for src in self.dims[i]:
             view = view.narrow(src.dim, 0, sizes[src][0])
         return view
+
+
+def _positive_host_value(value: Any) -> bool:
+    """``value > 0`` for a number or a host (CPU) 0-dim tensor; a device tensor would need a
+    synchronisation to read, so it does not count."""
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "cpu" and value.numel() == 1 and bool(value > 0)
+    return isinstance(value, (int, float)) and value > 0
 
 
 def describe_padding(padder: Padder | None, plan: PaddingPlan | None) -> str:

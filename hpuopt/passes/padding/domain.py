@@ -58,6 +58,9 @@ class _Tensor:
     iota: int | None = None
     """An index fact: the value at every position equals the position along dim ``iota`` (an
     ``arange`` through views, expands and ``+ 0``), in the real region and the pad alike."""
+    fills: tuple[tuple[int, Any], ...] = ()
+    """Fill facts ``(dim, value)``: wherever the index along ``dim`` is pad, the value is
+    ``value`` (0, 1 or -inf), whatever the other indices (``fills.py``)."""
 
     @property
     def padded(self) -> bool:

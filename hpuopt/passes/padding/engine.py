@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from hpuopt.fx_utils import MISSING, node_value, op_name, placeholders, source_line
-from hpuopt.passes.padding import index_facts
+from hpuopt.passes.padding import fills, index_facts
 from hpuopt.passes.padding.binding import _mutated_args, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _POISON,
@@ -73,6 +73,8 @@ class _Analysis:
         self.failures: list[tuple[UnsafeReason, frozenset[PadSource]]] = []
         self.zero_required = False
         self.ties: dict[tuple[PadSource, PadSource], None] = {}
+        self.equal_sizes: dict[tuple[PadSource, PadSource], None] = {}
+        self.positive_inputs: dict[int, None] = {}
         self.outputs: list[OutputDim] = []
         self.size_inputs: list[SizeInput] = []
         self.placeholder_index: dict[torch.fx.Node, int] = {}
@@ -105,6 +107,17 @@ class _Analysis:
     def tie(self, a: PadSource, b: PadSource) -> None:
         if a != b:
             self.ties[(min(a, b), max(a, b))] = None
+
+    def require_positive(self, node: torch.fx.Node) -> None:
+        """Records that placeholder ``node`` (a 0-dim tensor) must be positive at run time."""
+        self.positive_inputs[self.placeholder_index[node]] = None
+
+    def require_equal(self, a: _Dim, b: _Dim) -> None:
+        """Ties two dims and records that their real sizes must be equal at run time."""
+        self.tie_dims(a, b)
+        for x, y in _dim_pairs(a, b):
+            if x != y:
+                self.equal_sizes[(min(x, y), max(x, y))] = None
 
     def tie_dims(self, a: _Dim, b: _Dim) -> None:
         """Ties the sources of two dims of the same layout (part by part for merged dims)."""
@@ -194,7 +207,8 @@ class _Analysis:
             size = val.shape[d]
             if isinstance(size, torch.SymInt):
                 self.source_symbols.update(size.node.expr.free_symbols)
-        self.states[node] = _Tensor(tuple(state), ZERO)
+        zero_fills = tuple((d, 0) for d, s in enumerate(state) if s is not None)
+        self.states[node] = _Tensor(tuple(state), ZERO, fills=zero_fills)
         self.aliases[node] = frozenset({index})
 
     def _sym_placeholders(self) -> None:
@@ -264,6 +278,7 @@ class _Analysis:
         if rule is None:
             rule = _tagged_rule(target)
         result = index_facts.propagate(node, self.states, rule.fn(op))
+        result = fills.propagate(node, self.states, result)
         self._check_extents(node, result)
         self._write_back(op, result)
         return result
@@ -462,6 +477,8 @@ def analyze_padding(gm: torch.fx.GraphModule, pad_dims: Mapping[int, int | Seque
         outputs=tuple(analysis.outputs) if live else (),
         size_inputs=tuple(analysis.size_inputs) if live else (),
         ties=tuple(analysis.ties) if live else (),
+        equal_sizes=tuple(analysis.equal_sizes) if live else (),
+        positive_inputs=tuple(analysis.positive_inputs) if live else (),
     )
 
 

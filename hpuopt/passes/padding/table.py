@@ -22,6 +22,7 @@ from hpuopt.passes.padding.rules import (
     indexing,
     norms,
     pointwise,
+    positive,
     reductions,
     views,
 )
@@ -29,7 +30,8 @@ from hpuopt.passes.padding.rules import (
 aten = torch.ops.aten
 
 FAMILIES: tuple[ModuleType, ...] = (
-    pointwise, views, indexing, contractions, reductions, norms, conv_attention, factories,
+    pointwise, positive, views, indexing, contractions, reductions, norms, conv_attention,
+    factories,
 )
 """The family modules, each with its ``ROWS`` and optionally ``OVERLOADS``."""
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from hpuopt.fx_utils import node_value
+from hpuopt.passes.padding import fills
 from hpuopt.passes.padding.binding import Row, RuleFn, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _UNPADDED,
@@ -68,11 +69,54 @@ def _conv_backward(op: _Op) -> tuple[_Tensor, ...]:
     return _Tensor(gin_dims, ZERO if g.pad == ZERO else ANY), _UNPADDED, _UNPADDED
 
 
+def _masks_pad_keys(op: _Op, name: str, q: _Tensor, k: _Tensor, v: _Tensor) -> bool:
+    """Whether the padded mask or bias ``name`` excludes every pad key: ``False`` (a boolean
+    mask) or ``-inf`` (an additive bias) wherever the key index is pad (its fill fact), with the
+    key dim laid out like the keys' and every other padded dim matching the query's or the
+    operands' lead dims. Masked keys get weight exactly 0, so their values must be finite
+    (0 × NaN is NaN): the keys' and values' pad must be finite."""
+    mask, shape = op.tensor(name), op.shape(name)
+    rank = len(shape)
+    if rank == 0:
+        return False
+    _check_mask_lead_dims(op, name, mask, rank, q)
+    key = mask.dim(rank - 1)
+    if key is None and k.dim(2) is None and v.dim(2) is None:
+        return False  # padded along the batch or query only: no pad key to exclude
+    wanted = False if node_value(op.raw(name)).dtype == torch.bool else fills.NEG_INF
+    value = fills.fill(mask, rank - 1)
+    keys = {x for d in (key, k.dim(2), v.dim(2)) if d is not None for x in d.sources}
+    if value is None or key is None or (value == 0) != (wanted is False) or \
+            (wanted is not False and value != wanted):
+        raise _Unsafe(f"attention {name} is padded but does not mask every pad key", keys)
+    kl, vl = k.dim(2), v.dim(2)
+    if kl is None or vl is None or not (_same_dim(kl, key) and _same_dim(vl, key)):
+        raise _Unsafe(f"attention {name} masks a padded key dim the keys do not carry", keys)
+    for t, what in ((k, "keys"), (v, "values")):
+        if t.padded and t.pad > FINITE:
+            raise _Unsafe(f"attention over masked pad keys needs {what} that are provably "
+                          "finite in the pad (0 x NaN is NaN)", keys)
+    op.an.tie_dims(kl, key)
+    op.an.require_zero(f"attention masks the pad keys through {name}")
+    return True
+
+
+def _check_mask_lead_dims(op: _Op, name: str, mask: _Tensor, rank: int, q: _Tensor) -> None:
+    """The mask's batch, head and query dims are padded as the query's (or not at all)."""
+    for j in range(rank - 1):
+        own, ref = mask.dim(j), q.dim(j + 4 - rank) if j + 4 - rank >= 0 else None
+        if own is not None and (ref is None or not _same_dim(own, ref)):
+            raise _Unsafe(f"attention {name} dim {j} carries a padded extent the query does not")
+        if own is not None and ref is not None:
+            op.an.tie_dims(own, ref)
+
+
 def _attention(op: _Op) -> Any:
     q, k, v = op.tensor("query"), op.tensor("key"), op.tensor("value")
+    masked = False
     for name in ("attn_mask", "attn_bias"):
         if name in op.values and op.tensor(name).padded:
-            raise _Unsafe(f"attention {name} is padded (a key-padding mask would be needed)")
+            masked = _masks_pad_keys(op, name, q, k, v) or masked
     if (op.raw("dropout_p") or 0.0) > 0.0:
         raise _Unsafe("attention dropout is random (see rule 17)")
     if q.dim(3) is not None or k.dim(3) is not None:
@@ -81,9 +125,9 @@ def _attention(op: _Op) -> Any:
     if kl is not None or vl is not None:
         ql = q.dim(2)
         causal = bool(op.raw("is_causal"))
-        ok = (kl is not None and vl is not None and ql is not None and causal
-              and _same_dim(kl, ql) and _same_dim(vl, ql)
-              and _same(op.shape("query")[2], op.shape("key")[2]))
+        ok = masked or (kl is not None and vl is not None and ql is not None and causal
+                        and _same_dim(kl, ql) and _same_dim(vl, ql)
+                        and _same(op.shape("query")[2], op.shape("key")[2]))
         if not ok:
             raise _Unsafe("attention over a padded key length: the softmax normaliser reads the "
                           "pad (safe only for causal self-attention padded on both lengths)")
@@ -94,7 +138,10 @@ def _attention(op: _Op) -> Any:
         if present and (len(present) != 3 or not all(_same_dim(present[0], x) for x in present)):
             raise _Unsafe(f"attention operands carry the padded extent differently on dim {d}")
         lead.append(present[0] if present else None)
-    out0 = _Tensor((lead[0], lead[1], q.dim(2), v.dim(3)), ANY)
+    # Fully masked rows (a pad batch row, say) give zeros, not NaN, in torch's attention since
+    # 2.5 (transformers relies on it as well), so finite operands give a finite output.
+    finite = masked and all(t.pad <= FINITE for t in (q, k, v) if t.padded)
+    out0 = _Tensor((lead[0], lead[1], q.dim(2), v.dim(3)), FINITE if finite else ANY)
     val = node_value(op.node)
     if not isinstance(val, (list, tuple)):
         return out0

@@ -96,6 +96,7 @@ def _position_preserving(op: _Op, st: _Tensor, indices: Sequence[Any],
     width = len(out_shape) - (rank - len(given))  # the broadcast indices' rank
     self_shape = op.shape("self")
     dims: list[Any] = [None] * len(out_shape)
+    moved: dict[int, int] = {}  # self dim -> result dim
     placed: set[int] = set()
     for k in given:
         idx = op.an.state_of(indices[k])
@@ -103,23 +104,31 @@ def _position_preserving(op: _Op, st: _Tensor, indices: Sequence[Any],
             return None
         shape = op.an.shape_of(indices[k])
         where = idx.iota + width - len(shape)
-        if where in placed or not _same(shape[idx.iota], self_shape[k]) or any(
-                not _same(n, 1) for i, n in enumerate(shape) if i != idx.iota):
+        if where in placed or any(not _same(n, 1) for i, n in enumerate(shape) if i != idx.iota):
             return None
         placed.add(where)
         own, along = st.dim(k), idx.dim(idx.iota)
-        if (own is None) != (along is None):
-            raise _Unsafe(f"indexing dim {k} with positions that are padded differently from it")
+        same_extent = _same(shape[idx.iota], self_shape[k])
+        here = {x for d in (own, along) if d is not None for x in d.sources}
+        if (own is None) != (along is None):  # both unpadded: eager's own gather
+            raise _Unsafe(f"indexing dim {k} with positions that are padded differently from it",
+                          here or None)
         if own is not None and along is not None:
             if not _same_dim(own, along):
-                raise _Unsafe(f"indexing dim {k} with positions laid out differently from it")
-            op.an.tie_dims(own, along)
+                raise _Unsafe(f"indexing dim {k} with positions laid out differently from it",
+                              here)
+            if same_extent:
+                op.an.tie_dims(own, along)
+            else:  # two inputs' sizes (a mask and the ids): exact only when they are equal
+                op.an.require_equal(own, along)
         dims[k0 + where] = own
+        moved[k] = k0 + where
     for i in range(k0):
-        dims[i] = st.dim(i)
+        dims[i], moved[i] = st.dim(i), i
     for i in range(k0 + len(given), rank):
-        dims[i - len(given) + width] = st.dim(i)
-    return _Tensor(tuple(dims), st.pad if st.padded else FINITE)
+        dims[i - len(given) + width], moved[i] = st.dim(i), i - len(given) + width
+    fills = tuple(sorted((moved[d], v) for d, v in st.fills if d in moved))
+    return _Tensor(tuple(dims), st.pad if st.padded else FINITE, fills=fills)
 
 
 def _indexing_unsafe(op: _Op) -> Any:

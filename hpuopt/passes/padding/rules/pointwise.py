@@ -154,7 +154,7 @@ ROWS: tuple[Row, ...] = (
     )),
     ("pointwise, exp-like", _Rule(_pointwise("unary", (_F, _A))), ("exp", "exp2", "cosh")),
     ("pointwise, unbounded at 0", _Rule(_pointwise("unary", (_A, _A))), (
-        "log", "log2", "log10", "reciprocal", "rsqrt", "lgamma", "digamma", "acos", "acosh",
+        "log", "log2", "log10", "lgamma", "digamma", "acos", "acosh",
         "erfinv", "logit",
     )),
     ("pointwise, additive", _Rule(_pointwise("add")), (

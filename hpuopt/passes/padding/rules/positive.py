@@ -1,0 +1,123 @@
+"""Transfer rules of ops that are finite on positive operands (``rsqrt``, ``reciprocal``), and
+the positivity proof that lets them keep a finite pad.
+
+``rsqrt(0)`` is infinite, so ``rsqrt`` of a finite pad is not provably finite, and one infinite
+pad row becomes NaN in the next product: enough to poison attention over masked pad keys
+(0 × NaN is NaN). RMS normalisation, the norm of Llama-style models, computes
+``rsqrt(mean(x ** 2) + eps)``: at least ``eps`` (or ``+inf`` where the squares overflow, which
+``rsqrt`` maps to 0), pad rows included. The rule proves that form: a non-negative tensor (even powers, ``abs``, ``relu``, means and sums of such, through
+casts and views, over NaN-free values) plus a positive constant. When ``eps`` is a graph input (Dynamo passes float
+attributes as 0-dim tensors) the proof holds only while it is positive: the plan records the
+input as an obligation the runtime checks on every padded call (``PaddingPlan.positive_inputs``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx
+
+from hpuopt.fx_utils import node_value
+from hpuopt.passes.padding.binding import Row, _Op, _Rule
+from hpuopt.passes.padding.domain import ANY, FINITE, _Tensor
+from hpuopt.passes.padding.rules.pointwise import _pointwise
+
+_PASS = frozenset({"_to_copy", "to", "clone", "alias", "detach", "contiguous", "view",
+                   "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "permute",
+                   "transpose", "convert_element_type"})
+_NONNEG = frozenset({"abs", "relu", "square", "exp", "sigmoid", "softmax", "_softmax"})
+_REDUCE = frozenset({"mean", "sum", "amax", "amin"})
+
+
+def _packet(node: Any) -> str:
+    target = getattr(node, "target", None)
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", getattr(target, "__name__", ""))
+
+
+def _through(node: Any) -> Any:
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            _packet(node) in _PASS and node.args:
+        node = node.args[0]
+    return node
+
+
+def _not_nan(op: _Op, node: Any) -> bool:
+    """The pad of ``node`` holds no NaN: it is finite (or ``node`` is unpadded)."""
+    st = op.an.state_of(node)
+    return not isinstance(st, _Tensor) or not st.padded or st.pad <= FINITE
+
+
+def _nonneg(op: _Op, node: Any, depth: int = 0) -> bool:
+    """Every value of ``node`` (real and pad) is >= 0 or +inf, never NaN, by construction: even
+    powers, ``abs``, ``relu``... of NaN-free values, and sums, means and products of such."""
+    node = _through(node)
+    if depth > 8 or not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    packet = _packet(node)
+    base = node.args[0] if node.args else None
+    if packet in _NONNEG:
+        return _not_nan(op, base)
+    if packet == "pow" and len(node.args) > 1:
+        exp = node.args[1]
+        return isinstance(exp, (int, float)) and float(exp).is_integer() and \
+            int(exp) % 2 == 0 and _not_nan(op, base)
+    if packet == "mul" and len(node.args) > 1 and node.args[0] is node.args[1]:
+        return _not_nan(op, base)
+    if packet in _REDUCE or packet in ("add", "mul"):
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        return bool(args) and all(_nonneg(op, a, depth + 1) for a in args) and \
+            all(not isinstance(a, (int, float)) or a >= 0 for a in node.args[1:2])
+    return False
+
+
+def _positive_scalar(op: _Op, value: Any) -> bool:
+    """A constant > 0, or a 0-dim graph input (recorded as an obligation: checked per call)."""
+    if isinstance(value, (int, float)):
+        return value > 0 and math.isfinite(value)
+    node = _through(value)
+    if isinstance(node, (int, float)):
+        return node > 0 and math.isfinite(node)
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_function" and _packet(node) == "scalar_tensor" and node.args:
+        return isinstance(node.args[0], (int, float)) and node.args[0] > 0
+    val = node_value(node)
+    if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 0 \
+            and val.dtype.is_floating_point:
+        op.an.require_positive(node)
+        return True
+    return False
+
+
+def _positive(op: _Op, node: Any) -> bool:
+    """``node`` is ``nonneg + positive`` (an RMS norm's ``mean(x ** 2) + eps``)."""
+    node = _through(node)
+    if not isinstance(node, torch.fx.Node) or _packet(node) != "add" or len(node.args) < 2:
+        return False
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1:
+        return False
+    return (_nonneg(op, a) and _positive_scalar(op, b)) or \
+        (_nonneg(op, b) and _positive_scalar(op, a))
+
+
+_UNBOUNDED = _pointwise("unary", (ANY, ANY))
+
+
+def _finite_on_positive(op: _Op) -> _Tensor:
+    """``rsqrt`` and ``reciprocal`` map ``[eps, +inf]`` into ``[0, 1/eps]``: finite."""
+    st = op.tensor("self")
+    result = _UNBOUNDED(op)
+    if st.padded and _positive(op, op.raw("self")):
+        return _Tensor(result.dims, FINITE)
+    return result
+
+
+ROWS: tuple[Row, ...] = (
+    ("finite on positive operands (rsqrt of an RMS norm)", _Rule(_finite_on_positive), (
+        "rsqrt", "reciprocal",
+    )),
+)
