@@ -258,3 +258,30 @@ def test_piece_compilers_quick_every_scenario(tmp_path):
     scenarios = list(piece_compilers.SCENARIOS)
     assert piece_compilers.main(["--quick", "--out-dir", str(tmp_path)]) == 0
     _check_piece_compilers(_load(tmp_path, "piece_compilers"), scenarios)
+
+
+def test_buckets_quick(tmp_path):
+    pytest.importorskip("transformers")
+    import buckets
+
+    assert buckets.main(["--quick", "--workloads", "bert", "--calls", "3", "--max-seq", "6",
+                         "--repeats", "2", "--out-dir", str(tmp_path)]) == 0
+    result = _load(tmp_path, "buckets")
+    _check_header(result, "buckets")
+    bert = result["bert"]
+    _check_rows(bert["rows"], repeats=2)
+    assert bert["calls"] == bert["forward_calls"] == len(bert["shapes_seen"]) == 3
+    assert 1 <= bert["bucket_combinations"] <= bert["distinct_shapes"] <= 3
+    rows = {r["name"]: r for r in bert["rows"]}
+    assert list(rows) == list(buckets.ROWS)
+    for name in ("hpugraph exact", "hpugraph"):
+        info = rows[name]["info"]
+        assert rows[name]["status"] == "ok" and info["check"]["max_abs_diff"] < 1e-4
+        assert info["graphs_max"] >= 1 and info["graphs_total"] >= info["graphs_max"]
+        assert info["first_pass_s"] > 0 and "pad_waste_padded_over_real" in info["check"]
+        for piece in info["pieces"]:  # every exact-shape verdict comes with its reasons
+            assert {"graphs", "graph_kinds", "padded", "not_padded", "silent_exact"} <= set(piece)
+    assert rows["hpugraph exact"]["info"]["check"]["padded_elements"] == 0
+    assert {g["verdict"] for g in bert["goals"]} <= {"met", "NOT met", "not measured"}
+    assert bert["cpu_ratio_hpugraph_vs_exact"] > 0
+    assert [s["workload"] for s in result["summary"]] == ["bert"]
