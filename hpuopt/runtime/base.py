@@ -150,6 +150,18 @@ def _non_overlapping(t: torch.Tensor) -> bool:
     return True
 
 
+def restore_mutated(warm: Sequence[Any], static: Sequence[Any]) -> None:
+    """Resets the warm-up's copies of mutated inputs (the entries of ``warm`` that are not
+    ``static``'s own) to the static values: each warm-up run, and the capture after them, then
+    starts from the state the replays will start from. (A cache position advanced twice would
+    index past the cache in the capture though the real call is valid.)"""
+    if warm is static:
+        return
+    for w, s in zip(warm, static):
+        if w is not s and isinstance(w, torch.Tensor) and isinstance(s, torch.Tensor):
+            copy_into(w, s)
+
+
 def clone_exact(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` with ``t``'s strides. ``clone()`` makes a non-dense tensor dense, which
     loses layouts kernels rely on: an attention bias sliced out of a row-padded buffer keeps its

@@ -32,6 +32,7 @@ from hpuopt.runtime.base import (
     CapturedGraph,
     copy_into,
     empty_like_exact,
+    restore_mutated,
     find_output_aliases,
     tensor_nbytes,
     writable,
@@ -87,6 +88,7 @@ class CpuRuntime:
         start = time.perf_counter()
         for _ in range(warmup_runs):
             fn(*probe_inputs)
+            restore_mutated(probe_inputs, static_inputs)
         try:
             if self.check_capture:
                 with _CaptureCheckMode():

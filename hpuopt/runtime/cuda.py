@@ -55,6 +55,7 @@ from hpuopt.runtime.base import (
     CapturedGraph,
     SharedRuntime,
     find_output_aliases,
+    restore_mutated,
     tensor_nbytes,
 )
 
@@ -107,7 +108,7 @@ class CudaRuntime(SharedRuntime):
         with CAPTURE_LOCK, torch.cuda.device(device):
             stream = self._stream(device)
             _warm_up(fn, static_inputs if warmup_inputs is None else warmup_inputs,
-                     warmup_runs, stream)
+                     warmup_runs, stream, static_inputs)
             pool = self._pools.setdefault(key, _Pool(torch.cuda.graph_pool_handle()))
             before = _memory(device)
             graph = torch.cuda.CUDAGraph()
@@ -177,7 +178,7 @@ class CudaRuntime(SharedRuntime):
 
 
 def _warm_up(fn: Callable[..., Any], inputs: Sequence[Any], runs: int,
-             stream: torch.cuda.Stream) -> None:
+             stream: torch.cuda.Stream, static: Sequence[Any]) -> None:
     if runs <= 0:
         return
     current = torch.cuda.current_stream()
@@ -185,6 +186,7 @@ def _warm_up(fn: Callable[..., Any], inputs: Sequence[Any], runs: int,
     with torch.cuda.stream(stream):
         for _ in range(runs):
             fn(*inputs)
+            restore_mutated(inputs, static)
     current.wait_stream(stream)
 
 

@@ -180,3 +180,31 @@ def test_warmup_captures_declared_shapes_largest_first():
     with torch.no_grad(), hpuopt.counters.expect(graphs_captured=0):
         x = torch.randn(5, 8)
         torch.testing.assert_close(compiled(x), lin(x))
+
+
+class _Cache(torch.nn.Module):
+    """A write position that advances on every call (a static KV cache's pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pos", torch.tensor(0))
+        self.register_buffer("cache", torch.zeros(6, 8))
+
+    def forward(self, x):
+        idx = torch.arange(x.shape[0]) + self.pos
+        self.pos.add_(x.shape[0])
+        self.cache.index_copy_(0, idx, x)
+        return self.cache.sum(0)
+
+
+def test_warm_up_does_not_advance_the_state_the_capture_starts_from():
+    """Warm-up and capture each start from the inputs' real state: a position advanced by the
+    warm-up would index past the cache in the capture though the real call is valid."""
+    model, ref = _Cache(), _Cache()
+    compiled = torch.compile(model, backend="hpugraph")
+    with torch.no_grad():
+        for rows in (4, 2):
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(compiled(x), ref(x))
+    assert hpuopt.counters.fallbacks == 0
+    assert torch.equal(model.pos, ref.pos) and torch.equal(model.cache, ref.cache)
