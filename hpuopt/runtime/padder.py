@@ -45,6 +45,11 @@ class Padder:
             self.dims.setdefault(src.input, []).append(src)
         self.size_inputs = {si.input: si.source for si in plan.size_inputs}
         self.zero = plan.required_pad_value == 0.0
+        self.exact_calls: dict[str, int] = {}
+        """Calls this padder could not pad, by why: ``explain`` says so beside what it pads."""
+
+    def _exact(self, why: str) -> None:
+        self.exact_calls[why] = self.exact_calls.get(why, 0) + 1
 
     def sizes(self, args: Sequence[Any]) -> dict[PadSource, tuple[int, int]] | object | None:
         """``{source: (real, bucket)}``; ``None`` when this call cannot be padded; or
@@ -53,6 +58,7 @@ class Padder:
         for src in self.sources:
             arg = args[src.input]
             if not arg.is_contiguous():
+                self._exact(f"input {src.input} is not contiguous")
                 return None
             n = arg.shape[src.dim]
             b = self.policy.bucket(n)
@@ -61,12 +67,15 @@ class Padder:
             out[src] = (n, b)
         for a, b in self.plan.ties:
             if a in out and b in out and out[a][1] != out[b][1]:
+                self._exact(f"{a} and {b} fall in different buckets")
                 return None
         for a, b in self.plan.equal_sizes:
             if a in out and b in out and out[a][0] != out[b][0]:
+                self._exact(f"{a} and {b} differ in size (the plan needs them equal)")
                 return None
         for i in self.plan.positive_inputs:
             if not _positive_host_value(args[i]):
+                self._exact(f"input {i} is not a positive host scalar (the plan needs it > 0)")
                 return None
         return out
 
@@ -119,10 +128,14 @@ class Padder:
         counters.padded_elements += pad_elems
 
     def describe(self) -> str:
-        """What this padder pads, for explain."""
+        """What this padder pads, for explain (and which calls it could not pad, and why)."""
         dims = ", ".join(str(s) for s in self.sources)
         zero = " with zero padding" if self.zero else ""
-        return f"pads {dims} to {self.policy.describe()}{zero}"
+        text = f"pads {dims} to {self.policy.describe()}{zero}"
+        if self.exact_calls:
+            text += "; ran exact: " + ", ".join(
+                f"{n} call{'s' if n > 1 else ''} ({why})" for why, n in self.exact_calls.items())
+        return text
 
     def _real(self, buf: torch.Tensor, i: int, sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
         view = buf
