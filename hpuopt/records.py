@@ -236,6 +236,13 @@ class PaddingPlan:
     equal_sizes: tuple[tuple[PadSource, PadSource], ...] = ()
     """Pairs of sources whose real sizes must be equal for the plan to hold (a mask gathered at
     the positions of another input's ``arange``): a call where they differ runs exact."""
+    checks: tuple[tuple[str, str, int], ...] = ()
+    """Values the plan needs checked on the real inputs at each new bucket, as
+    ``(node, kind, bound)``: ``"range"``, the node's values lie in ``[0, bound)`` (indices read
+    from a buffer, such as BERT's position ids); ``"extent"``, the node's dim ``bound`` has the
+    bucket's extent (a buffer sliced to the padded length is long enough). Only nodes computed
+    from parameters, buffers and sizes are checked, once per bucket; a bucket that fails runs
+    exact."""
     positive_inputs: tuple[int, ...] = ()
     """0-dim inputs the plan needs positive (an RMS norm's ``eps`` passed as a tensor): a call
     where one is not runs exact."""

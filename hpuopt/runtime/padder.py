@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
@@ -30,13 +31,21 @@ class Padder:
     """The padded path of one piece: bucketed sizes, static buffers, loads (see above)."""
 
     @classmethod
-    def for_plan(cls, plan: PaddingPlan | None, config: Config) -> Padder | None:
-        """The padder of a piece with padding plan ``plan``; ``None`` when it pads nothing."""
+    def for_plan(cls, plan: PaddingPlan | None, config: Config,
+                 gm: torch.fx.GraphModule | None = None) -> Padder | None:
+        """The padder of a piece with padding plan ``plan``; ``None`` when it pads nothing, or
+        when the plan needs values checked and ``gm`` (the piece) is not given."""
         if plan is None or not plan.padded:
             return None
-        return cls(plan, BucketPolicy(config))
+        checker = None
+        if plan.checks:
+            if gm is None:
+                return None
+            checker = ValueChecks(gm, plan)
+        return cls(plan, BucketPolicy(config), checker)
 
-    def __init__(self, plan: PaddingPlan, policy: BucketPolicy) -> None:
+    def __init__(self, plan: PaddingPlan, policy: BucketPolicy,
+                 checker: ValueChecks | None = None) -> None:
         self.plan = plan
         self.policy = policy
         self.sources: tuple[PadSource, ...] = plan.padded
@@ -45,6 +54,7 @@ class Padder:
             self.dims.setdefault(src.input, []).append(src)
         self.size_inputs = {si.input: si.source for si in plan.size_inputs}
         self.zero = plan.required_pad_value == 0.0
+        self.checker = checker
         self.exact_calls: dict[str, int] = {}
         """Calls this padder could not pad, by why: ``explain`` says so beside what it pads."""
 
@@ -76,6 +86,12 @@ class Padder:
         for i in self.plan.positive_inputs:
             if not _positive_host_value(args[i]):
                 self._exact(f"input {i} is not a positive host scalar (the plan needs it > 0)")
+                return None
+        if self.checker is not None:
+            failed = self.checker.failure(args, {s: b for s, (_, b) in out.items()}, self.dims,
+                                          self.size_inputs)
+            if failed:
+                self._exact(failed)
                 return None
         return out
 
@@ -142,6 +158,69 @@ class Padder:
         for src in self.dims[i]:
             view = view.narrow(src.dim, 0, sizes[src][0])
         return view
+
+
+class ValueChecks:
+    """The values a plan needs checked (``PaddingPlan.checks``), computed from the piece's own
+    nodes at the bucket's sizes on the real parameters and buffers: indices read from a buffer
+    in range, a buffer cut to the padded length long enough. Checked once per bucket and
+    version of the buffers read (a device read, so not on every call)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, plan: PaddingPlan) -> None:
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                break
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        by_name = {n.name: n for n in gm.graph.nodes}
+        outs, self.kinds = [], []
+        for name, kind, bound in plan.checks:
+            node = by_name[name]
+            outs.append(env[node])
+            extra = node.args[3] if kind == "extent" and len(node.args) > 3 else None
+            outs.append(env[extra] if isinstance(extra, torch.fx.Node) else extra)
+            self.kinds.append((kind, bound, name))
+        graph.output(tuple(outs))
+        graph.eliminate_dead_code()
+        self.module = torch.fx.GraphModule(gm, graph)
+        self.reads = [i for i, n in enumerate(graph.find_nodes(op="placeholder")) if n.users]
+        self.placeholders = len(list(gm.graph.find_nodes(op="placeholder")))
+        self.verdicts: dict[tuple[Any, ...], str] = {}
+
+    def failure(self, args: Sequence[Any], buckets: dict[PadSource, int],
+                dims: dict[int, list[PadSource]], size_inputs: dict[int, PadSource]) -> str:
+        """``""`` when every check holds at these buckets; else what failed."""
+        key = (tuple(sorted(buckets.items())), tuple(
+            (id(args[i]), getattr(args[i], "_version", 0)) for i in self.reads
+            if i not in dims and i not in size_inputs))
+        if key not in self.verdicts:
+            self.verdicts[key] = self._evaluate(args, buckets, dims, size_inputs)
+        return self.verdicts[key]
+
+    def _evaluate(self, args: Sequence[Any], buckets: dict[PadSource, int],
+                  dims: dict[int, list[PadSource]], size_inputs: dict[int, PadSource]) -> str:
+        inputs = list(args)
+        for i, srcs in dims.items():  # the checked values do not read padded inputs' contents
+            shape = list(args[i].shape)
+            for src in srcs:
+                shape[src.dim] = buckets[src]
+            inputs[i] = torch.zeros(shape, dtype=args[i].dtype, device=args[i].device)
+        for i, src in size_inputs.items():
+            inputs[i] = buckets[src]
+        try:
+            with torch.no_grad():
+                values = self.module(*inputs)
+        except Exception as exc:  # noqa: BLE001 - a check that cannot run fails
+            first = str(exc).splitlines()[0][:100] if str(exc) else ""
+            return f"computing the checked values at the bucket raised {type(exc).__name__}: {first}"
+        for k, (kind, bound, name) in enumerate(self.kinds):
+            v, extra = values[2 * k], values[2 * k + 1]
+            if kind == "range" and v.numel() and not (int(v.min()) >= 0 and int(v.max()) < bound):
+                return f"{name} holds indices outside [0, {bound}) at the bucket"
+            if kind == "extent" and isinstance(extra, int) and v.shape[bound] != extra:
+                return f"{name} is shorter than the bucket ({v.shape[bound]} < {extra})"
+        return ""
 
 
 def _positive_host_value(value: Any) -> bool:

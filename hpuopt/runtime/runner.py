@@ -76,7 +76,7 @@ class PieceRunner:
         self.escaping = list(escaping)
         self.single_output = not isinstance(output_node(gm).args[0], (tuple, list))
         self._padding_plan = padding
-        self.padder = Padder.for_plan(padding, config)
+        self.padder = Padder.for_plan(padding, config, gm)
         self.cache = GraphCache(runtime.release, config.max_graphs, config.max_graph_bytes)
         self.compilation = PieceCompilation(name, gm, self.single_output, compiler, config)
         self.replays = 0

@@ -162,3 +162,52 @@ def test_training_steps_on_an_encoder_match_eager(device):
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, **(_tol(device) if device != "cpu" else
                                             dict(rtol=1e-4, atol=1e-5)))
+
+
+def _pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def _graphs_per_piece(compiled):
+    return max(len(p.graphs) for p in compiled.explain().pieces if p.captured)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [_bert, _llama], ids=["bert", "llama"])
+def test_encoders_pad_batch_and_sequence_to_buckets(make, device):
+    """Random (batch 1..8, sequence 3..30) with padded masks: no piece holds more graphs than
+    the power-of-two bucket combinations of the shapes seen, and the real positions equal
+    eager's."""
+    gen = torch.Generator().manual_seed(9)
+    model = make().eval().to(device)
+    model = getattr(model, "model", getattr(model, "bert", model))  # the encoder itself
+    compiled = hpuopt.compile(model)
+    seen = set()
+    with torch.no_grad():
+        for k in range(14):
+            batch, seq = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((1, 9), (3, 31)))
+            seen.add((_pow2(batch), _pow2(seq)))
+            ids, mask = (t.to(device) for t in _batch(gen, batch, seq, ("left", "right")[k % 2]))
+            ref = model(input_ids=ids, attention_mask=mask)[0]
+            _assert_real_positions_equal(ref, compiled(input_ids=ids, attention_mask=mask)[0], mask)
+    assert _graphs_per_piece(compiled) <= len(seen)
+    assert any("pads" in p.padding and "dim 1" in p.padding for p in compiled.explain().pieces)
+
+
+def test_a_bucket_past_the_position_table_runs_exact_and_says_why():
+    """BERT reads position ids from a buffer cut to the padded length: a bucket longer than
+    the buffer (sequence 35 -> 64 > 40 positions) fails the per-bucket check and runs at the
+    exact size, with the reason in explain."""
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, intermediate_size=37,
+                                  max_position_embeddings=40)
+    model = transformers.BertModel(cfg).eval()
+    compiled = hpuopt.compile(model)
+    gen = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        for batch, seq in [(2, 5), (3, 7), (2, 35), (3, 36)]:
+            ids, mask = _batch(gen, batch, seq, "right")
+            ref = model(input_ids=ids, attention_mask=mask)[0]
+            _assert_real_positions_equal(ref, compiled(input_ids=ids, attention_mask=mask)[0], mask)
+    assert hpuopt.counters.fallbacks == 0
+    assert any("ran exact: 2 calls" in p.padding for p in compiled.explain().pieces)

@@ -75,6 +75,7 @@ class _Analysis:
         self.ties: dict[tuple[PadSource, PadSource], None] = {}
         self.equal_sizes: dict[tuple[PadSource, PadSource], None] = {}
         self.positive_inputs: dict[int, None] = {}
+        self.checks: dict[tuple[str, str, int], None] = {}
         self.outputs: list[OutputDim] = []
         self.size_inputs: list[SizeInput] = []
         self.placeholder_index: dict[torch.fx.Node, int] = {}
@@ -107,6 +108,25 @@ class _Analysis:
     def tie(self, a: PadSource, b: PadSource) -> None:
         if a != b:
             self.ties[(min(a, b), max(a, b))] = None
+
+    def param_content(self, node: Any) -> bool:
+        """Whether ``node``'s values come from parameters, buffers and sizes alone (no input
+        that this analysis pads): such values can be checked once per bucket."""
+        padded_inputs = {s.input for s in self.sources}
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, torch.fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder" and self.placeholder_index.get(n) in padded_inputs:
+                return False
+            stack.extend(n.all_input_nodes)
+        return True
+
+    def require_check(self, node: torch.fx.Node, kind: str, bound: int) -> None:
+        """Records a value the runtime checks per bucket (``PaddingPlan.checks``)."""
+        self.checks[(node.name, kind, int(bound))] = None
 
     def require_positive(self, node: torch.fx.Node) -> None:
         """Records that placeholder ``node`` (a 0-dim tensor) must be positive at run time."""
@@ -479,6 +499,7 @@ def analyze_padding(gm: torch.fx.GraphModule, pad_dims: Mapping[int, int | Seque
         ties=tuple(analysis.ties) if live else (),
         equal_sizes=tuple(analysis.equal_sizes) if live else (),
         positive_inputs=tuple(analysis.positive_inputs) if live else (),
+        checks=tuple(analysis.checks) if live else (),
     )
 
 

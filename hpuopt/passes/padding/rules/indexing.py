@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.fx
+
 from hpuopt.passes.padding.binding import Row, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _UNPADDED,
@@ -36,18 +39,27 @@ def _index_select(op: _Op) -> _Tensor:
     return _Tensor(tuple(dims), max(st.pad if st.padded else FINITE, FINITE))
 
 
-def _need_zero_index(op: _Op, idx: _Tensor, what: str) -> None:
-    if idx.pad != ZERO:
-        raise _Unsafe(f"{what} with padded indices: arbitrary pad contents may be out-of-range "
-                      "indices (device assert); needs pad value 0")
-    op.an.require_zero(f"{what} with padded indices (pad filled with index 0)")
+def _need_zero_index(op: _Op, idx: _Tensor, what: str, arg: str = "", bound: Any = None
+                     ) -> None:
+    """Padded indices must be in range in the pad too: zero (a zero-filled input's pad), or
+    computed from buffers and sizes alone (checked per bucket on the real buffers)."""
+    if idx.pad == ZERO:
+        op.an.require_zero(f"{what} with padded indices (pad filled with index 0)")
+        return
+    node = op.raw(arg) if arg else None
+    if isinstance(bound, int) and isinstance(node, torch.fx.Node) and op.an.param_content(node):
+        op.an.require_check(node, "range", bound)
+        return
+    raise _Unsafe(f"{what} with padded indices: arbitrary pad contents may be out-of-range "
+                  "indices (device assert); needs pad value 0")
 
 
 def _embedding(op: _Op) -> _Tensor:
     w, idx = op.tensor("weight"), op.tensor("indices")
     # A padded table (dim 0) is fine: the real indices only read its real rows.
     if idx.padded:
-        _need_zero_index(op, idx, "embedding")
+        rows = op.shape("weight")[0]
+        _need_zero_index(op, idx, "embedding", "indices", rows if w.dim(0) is None else None)
     dims = tuple(idx.dims or (None,) * op.rank("indices")) + (w.dim(1),)
     return _Tensor(dims, FINITE)
 
@@ -131,6 +143,19 @@ def _position_preserving(op: _Op, st: _Tensor, indices: Sequence[Any],
     return _Tensor(tuple(dims), st.pad if st.padded else FINITE, fills=fills)
 
 
+def _gather(op: _Op) -> _Tensor:
+    """``gather`` from an unpadded tensor (a buffer) with padded indices: the result is padded
+    like the indices; the indices must be in range in the pad (see :func:`_need_zero_index`)."""
+    st, idx = op.tensor("self"), op.tensor("index")
+    if st.padded or not idx.padded:
+        return _indexing_unsafe(op)
+    rank = op.rank("self")
+    dim = op.dim_arg("dim", rank)
+    extent = op.shape("self")[dim]
+    _need_zero_index(op, idx, "gather", "index", extent if isinstance(extent, int) else None)
+    return _Tensor(idx.dims, FINITE)
+
+
 def _indexing_unsafe(op: _Op) -> Any:
     raise _Unsafe("data-dependent indexing of a padded tensor (indices may address the pad)")
 
@@ -140,8 +165,9 @@ ROWS: tuple[Row, ...] = (
     ("embedding: padded indices need pad 0", _Rule(_embedding), ("embedding",)),
     ("embedding backward", _Rule(_embedding_backward), ("embedding_dense_backward",)),
     ("advanced indexing (gather rows)", _Rule(_index_tensor), ("index",)),
+    ("gather from a buffer with padded indices", _Rule(_gather), ("gather",)),
     ("indexing by data: unsafe when padded", _Rule(_indexing_unsafe), (
-        "gather", "scatter", "scatter_add", "scatter_reduce", "index_put", "index_add",
+        "scatter", "scatter_add", "scatter_reduce", "index_put", "index_add",
         "index_copy", "index_fill", "masked_scatter", "take", "put", "_unsafe_index",
         "_unsafe_index_put",
     )),

@@ -213,6 +213,14 @@ def _slice(op: _Op) -> _Tensor:
     start, end, step = op.raw("start"), op.raw("end"), op.raw("step")
     dims = list(st.dims or (None,) * rank)
     if d is None:
+        end_st = op.an.state_of(end)
+        if (start in (None, 0) and step == 1 and isinstance(end_st, _Sym)
+                and end_st.exact is not None and op.an.param_content(op.raw("self"))):
+            # A buffer cut to the padded length (BERT's position ids): its pad holds the
+            # buffer's next values; the buffer must be long enough (checked per bucket).
+            op.an.require_check(op.node, "extent", dim)
+            dims[dim] = end_st.exact
+            return _Tensor(tuple(dims), st.pad if st.padded else FINITE)
         for name in ("start", "end", "step"):
             s = op.state(name)
             if isinstance(s, _Sym) and s.deps:
