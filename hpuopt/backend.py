@@ -33,6 +33,7 @@ from hpuopt.diagnostics.explain import (
     Session,
     default_session,
 )
+from hpuopt.fx_utils import output_node
 from hpuopt.passes.base import CompileContext, GraphPass
 from hpuopt.passes.split import build_pieces
 from hpuopt.pipeline import PipelineResult, run_pipeline
@@ -40,6 +41,7 @@ from hpuopt.records import PieceInfo
 from hpuopt.runtime import select_runtime
 from hpuopt.runtime.base import eager_forward
 from hpuopt.runtime.compilers import PieceCompiler, select_piece_compiler
+from hpuopt.runtime.lending import lent_positions
 from hpuopt.runtime.runner import PieceRunner
 
 log = logging.getLogger(__name__)
@@ -139,8 +141,9 @@ def compile_aot_graph(
     )
     record.aot_graphs.append(aot_record)
     static_idx = _static_input_indices(kind, len(example_inputs))
+    lent = _lent_positions(kind, split_gm)
     compiler = select_piece_compiler(config, runtime)
-    _stand_in_runners(split_gm, aot_record, runtime, config, static_idx, name, compiler)
+    _stand_in_runners(split_gm, aot_record, runtime, config, static_idx, name, compiler, lent)
     forward = eager_forward(split_gm)
     # One call at a time per graph: a piece's output buffers stay live until the next piece
     # has copied them, so concurrent callers must not interleave anywhere inside the graph.
@@ -163,9 +166,12 @@ def _stand_in_runners(
     static_idx: frozenset[int],
     name: str,
     compiler: PieceCompiler,
+    lent: frozenset[int] = frozenset(),
 ) -> None:
-    """Puts a :class:`PieceRunner` in place of every static piece of ``split_gm``."""
+    """Puts a :class:`PieceRunner` in place of every static piece of ``split_gm``; ``lent``
+    are the positions of ``split_gm``'s outputs that may be lent (see :func:`_lent_positions`)."""
     placeholders = {n: i for i, n in enumerate(split_gm.graph.find_nodes(op="placeholder"))}
+    at_output = _output_positions(split_gm)
     for node in split_gm.graph.find_nodes(op="call_module"):
         info: PieceInfo = node.meta["hpuopt.piece"]
         if not info.static:
@@ -188,6 +194,7 @@ def _stand_in_runners(
             escaping=_escaping_outputs(node),
             padding=node.meta.get("hpuopt.padding"),
             compiler=compiler,
+            lend=_lendable_outputs(node, at_output, lent),
         )
         # The stitching code calls ``self.submod_k(...)``; an instance attribute shadows the
         # registered submodule, so the call skips nn.Module.__call__ and lands in the runner.
@@ -220,6 +227,67 @@ def _static_input_indices(kind: str, num_inputs: int) -> frozenset[int]:
     meta = getattr(ctx, "fw_metadata", None) if ctx is not None else None
     indices = getattr(meta, "static_input_indices", None) or ()
     return frozenset(i for i in indices if i < num_inputs)
+
+
+def _lent_positions(kind: str, split_gm: torch.fx.GraphModule) -> frozenset[int]:
+    """The outputs of this ATen graph that only autograd receives: a forward's activations
+    saved for backward, a backward's gradients (:func:`hpuopt.runtime.lending.lent_positions`)."""
+    from torch._guards import TracingContext
+
+    result = output_node(split_gm).args[0]
+    if not isinstance(result, (tuple, list)):
+        return frozenset()
+    ctx = TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None) if ctx is not None and kind == "forward" else None
+    return lent_positions(kind, len(result), meta)
+
+
+def _output_positions(split_gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[int]]:
+    """Where each value appears in the stitching graph's output (one value may be returned at
+    several positions: a user output also saved for backward)."""
+    result = output_node(split_gm).args[0]
+    positions: dict[torch.fx.Node, list[int]] = {}
+    if isinstance(result, (tuple, list)):
+        for i, value in enumerate(result):
+            if isinstance(value, torch.fx.Node):
+                positions.setdefault(value, []).append(i)
+    return positions
+
+
+def _lendable_outputs(
+    node: torch.fx.Node, at_output: Mapping[torch.fx.Node, list[int]], lent: frozenset[int]
+) -> list[bool]:
+    """For each output of a static piece: may it be lent? Only when everything it reaches
+    outside captured code is a lendable position of the graph's output."""
+    if not lent:
+        return []
+    sub = node.graph.owning_module._modules[node.target]  # not getattr: runners shadow it
+    result = output_node(sub).args[0]
+    if not isinstance(result, (tuple, list)):
+        return [_only_lent(node, at_output, lent)]
+    out = [False] * len(result)
+    for user in node.users:
+        if not (user.op == "call_function" and user.target is operator.getitem):
+            return [False] * len(result)
+        out[user.args[1]] = _only_lent(user, at_output, lent)
+    return out
+
+
+def _only_lent(
+    value: torch.fx.Node, at_output: Mapping[torch.fx.Node, list[int]], lent: frozenset[int]
+) -> bool:
+    """Whether ``value`` escapes, and only to lendable output positions."""
+    escapes = False
+    for user in value.users:
+        if user.op == "call_module":
+            info = user.meta.get("hpuopt.piece")
+            if info is not None and info.static:
+                continue  # copied into the next piece's static inputs in the same call
+            return False
+        if user.op != "output":
+            return False
+        escapes = True
+    return escapes and all(i in lent for i in at_output.get(value, ()))
 
 
 def _escaping_outputs(node: torch.fx.Node) -> list[bool]:

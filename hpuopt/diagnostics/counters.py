@@ -38,6 +38,18 @@ class Counters:
     """Keys whose capture failed, so the piece runs uncaptured for them."""
     stale_outputs: int = 0
     """Alias mode: outputs still referenced when a later replay overwrote them."""
+    static_copies: int = 0
+    """Tensors copied into a captured graph's static input buffers before its replays (one per
+    copied input per replay; inputs read in place cost none)."""
+    output_clones: int = 0
+    """Outputs of captured graphs cloned as they were handed out (they reach the caller)."""
+    outputs_lent: int = 0
+    """Outputs handed out without a clone: activations saved for backward and gradients, lent
+    with their liveness tracked, and every escaping output under ``clone_outputs=False``."""
+    lent_copies: int = 0
+    """Lent outputs still alive when their piece was about to overwrite them (a second forward
+    before the backward, gradients kept across backwards): copied out then, so they kept their
+    values."""
     uncaptured_runs: int = 0
     """Runs of a static piece without a graph (fallbacks, ``capture=False``)."""
     capture_seconds: float = 0.0

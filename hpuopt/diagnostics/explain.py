@@ -139,6 +139,15 @@ class PieceReport:
     inputs_in_place: int = 0
     """Tensor inputs read where the caller keeps them (parameters, buffers, and inputs whose
     address never changed), their address checked each call."""
+    copies_in: int = 0
+    """Tensors copied into static input buffers, over all replays (``inputs_copied`` each)."""
+    outputs_lent: int = 0
+    """Outputs handed out without a clone over all calls: activations saved for backward and
+    gradients (lent with liveness), or all escaping ones under ``clone_outputs=False``."""
+    outputs_cloned: int = 0
+    """Outputs cloned as they were handed out, over all calls (they reach the caller)."""
+    lent_copied: int = 0
+    """Lent outputs still alive when the piece was about to overwrite them, so copied out."""
     calls: int = 0
     """Calls of this piece: lookups in its graph cache (hits + misses) for a captured piece; the
     calls of its ATen graph for a piece that runs as is."""
@@ -323,6 +332,10 @@ def _piece_report(p: PieceRecord, plan: Any, names: SizeNames) -> PieceReport:
         padding=r.padding_summary(),
         inputs_copied=len(r.roles.copied),
         inputs_in_place=len(r.roles.stable),
+        copies_in=r.inputs_copied_total,
+        outputs_lent=r.outputs_lent,
+        outputs_cloned=r.outputs_cloned,
+        lent_copied=r.lent_copied,
         calls=r.hits + r.misses,
         padded=padded,
         not_padded=blockers,
@@ -352,7 +365,8 @@ def render(report: ExplainReport) -> str:
         f"counters (whole process): captured {c.graphs_captured}, replays {c.replays}, "
         f"hits {c.cache_hits}, misses {c.cache_misses}, evictions {c.evictions}, "
         f"recaptures {c.recaptures}, promotions {c.promotions}, fallbacks {c.fallbacks}, "
-        f"capture {c.capture_seconds:.3f}s"
+        f"static copies {c.static_copies}, clones {c.output_clones}, lent {c.outputs_lent} "
+        f"({c.lent_copies} copied out), capture {c.capture_seconds:.3f}s"
         + (f", pad waste {c.pad_waste:.0%}" if c.real_elements else "")
     )
     return "\n".join(lines)
@@ -394,6 +408,7 @@ def _render_captured(p: PieceReport) -> list[str]:
         f"replays {p.replays}, hits {p.hits}, misses {p.misses}, evictions {p.evictions}, "
         f"{wording.nbytes(p.held_bytes)}",
         f"        inputs: {p.inputs_in_place} read in place, {p.inputs_copied} copied per call",
+        _render_outputs(p),
     ]
     if p.padded:
         policy = p.padding.split(" to ", 1)[1] if " to " in p.padding else "buckets"
@@ -409,6 +424,18 @@ def _render_captured(p: PieceReport) -> list[str]:
     for reason in dict.fromkeys(p.fallbacks):
         lines.append(f"        runs uncaptured for some inputs: {reason}")
     return lines
+
+
+def _render_outputs(p: PieceReport) -> str:
+    """What the piece handed out per call: lent (no copy) and cloned, and the lent ones that
+    were copied out because they were still alive at a later replay."""
+    calls = max(p.calls, 1)
+    line = (f"        outputs: {p.outputs_lent / calls:.3g} lent, "
+            f"{p.outputs_cloned / calls:.3g} cloned per call")
+    if p.lent_copied:
+        line += (f"; {wording.plural(p.lent_copied, 'lent output')} copied out, still alive "
+                 "when a later call overwrote them")
+    return line
 
 
 def _render_as_is(p: PieceReport) -> list[str]:

@@ -104,7 +104,12 @@ class CpuRuntime:
             for o in probe
         ]
         aliases = find_output_aliases(probe, probe_inputs)
-        tensor_slots = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
+        for alias in aliases:  # a view of an input is that view of its static buffer, as on a
+            outputs[alias.output] = alias.regenerate(static_inputs)  # device: nothing to copy
+        viewed = {alias.output for alias in aliases}
+        tensor_slots = [
+            i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor) and i not in viewed
+        ]
         plain = [outputs[i] for i in tensor_slots]
         if len(plain) > 1 and not any(0 in t.stride() for t in plain):
 
@@ -119,7 +124,7 @@ class CpuRuntime:
                 for i in tensor_slots:
                     copy_into(outputs[i], fresh[i])
 
-        nbytes = tensor_nbytes(outputs)
+        nbytes = tensor_nbytes(plain)
         self._held += nbytes
         return CapturedGraph(
             static_inputs=static_inputs,

@@ -11,16 +11,24 @@ static buffer after the replay (:meth:`Entry.write_back`), so the caller's tenso
 Warm-up runs read clones of such inputs, so their side effects happen exactly once, on the real
 call.
 
-Outputs: what escapes is cloned
--------------------------------
+Outputs: what escapes is lent or cloned
+---------------------------------------
 Every replay writes the same output buffers. An output that only feeds later captured pieces is
 copied into their static inputs within the same call and needs no clone. An output that escapes
-— returned to AOTAutograd (so to the user, or saved for backward), or handed to a dynamic piece
-— is cloned unless ``clone_outputs=False`` (:meth:`Entry.hand_out`), so nothing the user holds
-changes under them on a later call. Without clones the outputs are *lent*: the next replay of
-any graph of the piece (they share a memory pool, so one graph's scratch can be another's
-output) marks those still referenced as stale (:func:`retire_lent`). An output that is a view of an input
-is regenerated as that view of the caller's tensor (:meth:`Entry.exact_outputs`), as in eager.
+is handed out by :meth:`Entry.hand_out` in one of three ways:
+
+* *lent with liveness* — activations autograd saves for backward and gradients (the runner says
+  which, ``lend``): a tensor over the buffer itself, and before the piece may overwrite its
+  buffers whatever is still alive is copied out (:mod:`hpuopt.runtime.lending`);
+* *cloned* — everything else that reaches the caller or a dynamic piece, so nothing the user
+  holds changes under them on a later call;
+* *lent without liveness* (``clone_outputs=False``, alias mode): every escaping output is the
+  graph's memory, and the next replay of any graph of the piece (they share a memory pool, so
+  one graph's scratch can be another's output) marks those still referenced as stale
+  (:func:`retire_lent`).
+
+An output that is a view of an input is regenerated as that view of the caller's tensor
+(:meth:`Entry.exact_outputs`), as in eager.
 
 Memory
 ------
@@ -50,6 +58,7 @@ from hpuopt.runtime.base import (
     empty_like_exact,
     tensor_nbytes,
 )
+from hpuopt.runtime.lending import Lender, lendable, layout_of
 from hpuopt.runtime.signature import ArgRoles
 
 if TYPE_CHECKING:
@@ -61,7 +70,7 @@ class Entry:
 
     __slots__ = (
         "aliases", "all_ptrs", "capture_seconds", "copy_targets", "escaping", "escaping_copies",
-        "fresh", "graph", "inputs", "nbytes", "outputs", "plain_copies", "ptrs", "roles",
+        "fresh", "graph", "inputs", "layouts", "lent", "nbytes", "outputs", "plain_copies", "ptrs", "roles",
         "stable_args", "stable_list",
     )
 
@@ -72,6 +81,7 @@ class Entry:
         escaping: Sequence[bool],
         nbytes: int = 0,
         capture_seconds: float = 0.0,
+        lend: Sequence[bool] = (),
     ) -> None:
         self.fresh = True  # not yet used: an executed capture already holds this call's result
         self.graph = graph
@@ -100,6 +110,13 @@ class Entry:
         alias_outputs = {a.output for a in graph.aliases}
         # escaping outputs that are not regenerated input views: these get cloned or lent
         self.escaping_copies = [i for i in self.escaping if i not in alias_outputs]
+        # escaping outputs handed out without a clone, their liveness tracked (lending.py)
+        self.lent = frozenset(
+            i for i in self.escaping if i < len(lend) and lend[i] and lendable(self.outputs[i])
+        )
+        # the buffers lent as they are, with their layouts (a runtime may put fresh tensors in
+        # the output list on replay: those are lent by their own layout)
+        self.layouts = {i: (self.outputs[i], layout_of(self.outputs[i])) for i in self.lent}
 
     def same_addresses(self, args: Sequence[Any]) -> bool:
         """Whether every stable argument is where it was at capture.
@@ -151,21 +168,34 @@ class Entry:
         return outs, self.escaping_copies
 
     def hand_out(self, outs: list[Any], escaping: Sequence[int], clone: bool,
-                 lent: list[weakref.ref]) -> list[Any]:
-        """``outs`` with the ``escaping`` ones cloned, or lent (``clone`` False: a weak
-        reference to each goes into ``lent``)."""
+                 lent: list[weakref.ref], lender: Lender) -> tuple[list[Any], int, int]:
+        """``outs`` with the ``escaping`` ones lent by ``lender`` (those in :attr:`lent`) or
+        cloned; with ``clone`` False (alias mode) all are lent without liveness, a weak
+        reference to each going into ``lent``. Also returns how many were lent and cloned."""
         if not escaping:
-            return outs
+            return outs, 0, 0
         if outs is self.outputs:  # never write into the graph's own output list
             outs = list(outs)
-        if clone:
-            for i in escaping:
-                outs[i] = clone_exact(outs[i])
-        else:
+        if not clone:
             for i in escaping:
                 outs[i] = _lend(outs[i])
                 lent.append(weakref.ref(outs[i]))
-        return outs
+            return outs, len(escaping), 0
+        lend = self.lent
+        shared: dict[int, torch.UntypedStorage] = {}  # outputs over one buffer share a storage
+        lent_now = 0
+        layouts = self.layouts
+        for i in escaping:
+            if i in lend:
+                buf, layout = layouts[i]
+                if outs[i] is buf:  # the buffer itself: its layout is known
+                    outs[i] = lender.lend_as(layout, shared)
+                else:  # a view of the buffer (sliced back from a bucket)
+                    outs[i] = lender.lend(outs[i], shared)
+                lent_now += 1
+            else:
+                outs[i] = clone_exact(outs[i])
+        return outs, lent_now, len(escaping) - lent_now
 
 
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
@@ -208,6 +238,7 @@ def capture(
     escaping: Sequence[bool],
     pool: Any = None,
     compile_for: Callable[[list[Any]], Callable[..., list[Any]]] | None = None,
+    lend: Sequence[bool] = (),
 ) -> Entry:
     """Captures ``fn`` on static buffers made from ``args`` as ``roles`` and ``keys`` say.
 
@@ -223,8 +254,10 @@ def capture(
     for i in roles.host:  # read on the device, from a buffer refreshed every call
         static[i] = static[i].to(roles.device)
     keys.prepare(static, args)
-    for i in roles.stable:
-        static[i] = args[i].detach()  # the storage as of now, like a recorded address
+    mutated = set(roles.mutated)
+    for i in roles.stable:  # the storage as of now, like a recorded address
+        # a written one stays the caller's tensor: its version counter must see the write
+        static[i] = args[i].detach() if i in mutated else _in_place(args[i])
     warm = list(static)
     for i in roles.mutated:
         warm[i] = clone_exact(static[i])
@@ -236,7 +269,7 @@ def capture(
     counters.graphs_captured += 1
     counters.capture_seconds += seconds
     nbytes = graph.nbytes + tensor_nbytes([static[i] for i in roles.copied])
-    return Entry(graph, roles, escaping, nbytes, seconds)
+    return Entry(graph, roles, escaping, nbytes, seconds, lend)
 
 
 def flat_forward(gm: torch.fx.GraphModule, single_output: bool) -> Callable[..., list[Any]]:
@@ -245,6 +278,27 @@ def flat_forward(gm: torch.fx.GraphModule, single_output: bool) -> Callable[...,
     if single_output:
         return lambda *a: [forward(*a)]
     return lambda *a: list(forward(*a))
+
+
+def _in_place(t: torch.Tensor) -> torch.Tensor:
+    """What a graph reads for an argument read in place: a parameter itself (detached), any
+    other tensor through an alias of its memory that holds nothing alive.
+
+    Every call checks that the argument is still at this address before a replay reads it, so
+    the alias never reads memory its caller does not hold. Holding nothing matters for an
+    activation a forward lent (a backward reads it in place once promoted): a reference from
+    the graph would keep it alive forever, and the forward would copy it out at every replay.
+    """
+    if isinstance(t, torch.nn.Parameter) or not lendable(t) or _construct is None:
+        return t.detach()
+    storage = t.untyped_storage()
+    alias = _construct(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        alias, t.storage_offset(), t.size(), t.stride()
+    )
+
+
+_construct = getattr(torch._C, "_construct_storage_from_data_pointer", None)
 
 
 def _lend(buf: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,14 @@ its symbolic inputs happen to be on that call. So each piece keeps a small map f
   never move, and which stable ones to copy because they keep moving;
 * :mod:`~hpuopt.runtime.graph_cache` — the LRU map, its limits and its memory;
 * :mod:`~hpuopt.runtime.entry` — one captured graph and its per-call work: copy in, replay,
-  write back, clone or lend what escapes.
+  write back, clone or lend what escapes;
+* :mod:`~hpuopt.runtime.lending` — what the piece lent, and the copy-out of what is still alive
+  before the piece may overwrite it.
 
 One call: pick the key strategy, look the key up (capture on a miss, capture again when a stable
-input moved), copy the inputs in, replay, write mutated inputs back, hand the outputs out.
+input moved), copy the inputs in, protect what earlier calls lent, replay, write mutated inputs
+back, hand the outputs out. The runner counts what each call copied in, cloned and lent (its
+own totals for explain, and :data:`hpuopt.counters`).
 
 Failure
 -------
@@ -48,6 +52,7 @@ from hpuopt.runtime.base import Runtime
 from hpuopt.runtime.compilers import EAGER, PieceCompilation, PieceCompiler
 from hpuopt.runtime.entry import Entry, capture, retire_lent
 from hpuopt.runtime.graph_cache import GraphCache, Held, Uncaptured
+from hpuopt.runtime.lending import CAN_LEND, Lender, lent_storage
 from hpuopt.runtime.padder import Padder, describe_padding
 from hpuopt.runtime.signature import KeyStrategy, arg_roles, call_keys
 
@@ -61,19 +66,22 @@ class PieceRunner:
     """Stands in for a static piece of a split graph: looks up, captures, replays.
 
     ``escaping[i]`` says whether output ``i`` leaves captured code in the same call (see
-    :mod:`hpuopt.runtime.entry`); ``stable[i]`` whether argument ``i`` is a parameter or buffer.
+    :mod:`hpuopt.runtime.entry`); ``stable[i]`` whether argument ``i`` is a parameter or buffer;
+    ``lend[i]`` whether escaping output ``i`` only reaches autograd (an activation saved for
+    backward, a gradient), so it may be lent instead of cloned (:mod:`hpuopt.runtime.lending`).
     """
 
     def __init__(self, name: str, gm: torch.fx.GraphModule, runtime: Runtime, config: Config,
                  stable: Sequence[bool], escaping: Sequence[bool],
                  padding: PaddingPlan | None = None,
-                 compiler: PieceCompiler = EAGER) -> None:
+                 compiler: PieceCompiler = EAGER, lend: Sequence[bool] = ()) -> None:
         self.name = name
         self.gm = gm
         self.runtime = runtime
         self.config = config
         self.roles = arg_roles(gm, stable)
         self.escaping = list(escaping)
+        self.lend = [bool(b) for b in lend] if CAN_LEND else []
         self.single_output = not isinstance(output_node(gm).args[0], (tuple, list))
         self._padding_plan = padding
         self.padder = Padder.for_plan(padding, config, gm)
@@ -84,6 +92,13 @@ class PieceRunner:
         self._adopted = False  # the first miss refines the roles with real arguments
         self._warned_stale = False
         self._lent: list[weakref.ref] = []  # alias mode: outputs handed out uncloned
+        self._lender = Lender()  # outputs lent with liveness since the last replay
+        # per-call work, totals (explain divides by the replays)
+        self.inputs_copied_total = 0
+        self.outputs_cloned = 0
+        self.outputs_lent = 0
+        self.lent_copied = 0
+        """Lent outputs still alive when the piece was about to overwrite them: copied out."""
         # the memory pool of this piece's graphs, shared by its buckets and nobody else's:
         # one replay per call, so no other graph of the pool runs while its outputs are live
         self._pool = object()
@@ -114,6 +129,8 @@ class PieceRunner:
             key, entry = self._miss(key, args, keys)
         if isinstance(entry, Uncaptured):
             return self._run_uncaptured(args)
+        if self._lender:  # before the address check: a lent argument may move
+            self._protect_lent()
         if not entry.same_addresses(args):
             entry = self._recapture(key, args, entry, keys)
         if entry.fresh:
@@ -121,6 +138,9 @@ class PieceRunner:
             if entry.graph.executed:  # the capture ran this call's work already
                 return self._finish(entry, args, keys)
         keys.load(entry, args)
+        copied = len(entry.roles.copied)
+        self.inputs_copied_total += copied
+        counters.static_copies += copied
         if self._lent:  # alias mode: what earlier calls were lent may be overwritten now
             self._retire_lent()
         try:
@@ -137,11 +157,26 @@ class PieceRunner:
             warnings.warn(f"hpuopt: {self.name} overwrites an output of an earlier call that is "
                           "still referenced (clone_outputs=False); clone it to keep it", stacklevel=2)
 
+    def _protect_lent(self) -> None:
+        """The piece may overwrite its buffers now: what it lent and is alive is copied out."""
+        copied = self._lender.protect()
+        if copied:
+            self.lent_copied += copied
+            counters.lent_copies += copied
+            log.debug("%s: %d lent outputs still alive; copied out before the replay",
+                      self.name, copied)
+
     def _finish(self, entry: Entry, args: Sequence[Any], keys: KeyStrategy) -> Any:
         """Writes mutated inputs back to the caller's tensors and hands out the outputs."""
         entry.write_back(args)
         outs, escaping = keys.outputs(entry, args)
-        outs = entry.hand_out(outs, escaping, self.config.clone_outputs, self._lent)
+        outs, lent, cloned = entry.hand_out(outs, escaping, self.config.clone_outputs,
+                                            self._lent, self._lender)
+        if lent or cloned:
+            self.outputs_lent += lent
+            self.outputs_cloned += cloned
+            counters.outputs_lent += lent
+            counters.output_clones += cloned
         return outs[0] if self.single_output else tuple(outs)
 
     def _run_uncaptured(self, args: Sequence[Any]) -> Any:
@@ -158,6 +193,7 @@ class PieceRunner:
             roles, self.roles = self.roles, self.roles.adopt(args)
             if self.roles.keyed != roles.keyed:  # the key holds new arguments now
                 key = keys.key(self.roles, args)
+            self._read_lent_in_place(args)
         if self.cache.full_for_new() and self.config.past_max_graphs == "uncaptured":
             # the Gaudi bridge's max_graphs: a signature past the limit runs as is, unstored
             self.cache.fallback_reasons.setdefault(
@@ -167,6 +203,18 @@ class PieceRunner:
         entry = self._capture(key, args, keys)
         self.cache.put(key, entry)
         return key, entry
+
+    def _read_lent_in_place(self, args: Sequence[Any]) -> None:
+        """Copied arguments that another piece lent (a backward's saved activations) are read
+        in place from the start, their address checked per call like a parameter's: no copy
+        while the forward's buffers hold them (see :func:`~hpuopt.runtime.lending.lent_storage`).
+        """
+        copied, keyed = self.roles.copied, set(self.roles.keyed) | set(self.roles.full_storage)
+        lent = [i for i in copied if i not in keyed and lent_storage(args[i])]
+        if lent:
+            stable = set(self.roles.stable) | set(lent)
+            self.roles = self.roles.with_split(stable, set(copied) - stable)
+            log.debug("%s: arguments %s are lent buffers; read in place", self.name, lent)
 
     def _recapture(self, key: tuple, args: Sequence[Any], stale: Entry, keys: KeyStrategy) -> Entry:
         moved = stale.moved(args)
@@ -188,13 +236,15 @@ class PieceRunner:
     def _capture(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> Held:
         if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
             return _CAPTURE_OFF
+        self._protect_lent()  # a capture runs the piece and may evict a graph
         if self.roles.unsupported:
             return self._fallback(key, self.roles.unsupported)
         compilation = self.compilation
         try:
             entry = capture(self.runtime, compilation.eager, self.roles, args, keys,
                             self.config.warmup_runs, self.escaping, pool=self._pool,
-                            compile_for=lambda static: compilation.forward_for(key, static))
+                            compile_for=lambda static: compilation.forward_for(key, static),
+                            lend=self.lend)
         except CaptureError as exc:
             return self._fallback(key, str(exc))
         except torch.OutOfMemoryError as exc:
@@ -244,6 +294,7 @@ class PieceRunner:
 
     def clear(self) -> None:
         """Drops every captured graph of this piece (they are captured again on demand)."""
+        self._protect_lent()
         self.cache.clear()
 
     def padding_summary(self) -> str:
