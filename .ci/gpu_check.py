@@ -34,16 +34,19 @@ def plan(python: str) -> list[dict]:
     if importlib.util.find_spec("pytest_timeout") is not None:  # one test cannot hang the rest
         pytest.append("--timeout=120")
     return [
-        {"name": "cuda-tests", "timeout": 250,
+        {"name": "cuda-tests", "timeout": 200,
          "cmd": [*pytest, "-m", "cuda", "-rsfE", "--tb=short", "tests"]},
-        {"name": "workloads", "timeout": 125,
+        {"name": "workloads", "timeout": 90,
          "cmd": [python, "benchmarks/workloads.py", "--device", "cuda", "--skip-inductor",
                  "--repeats", "7", "--number", "20", "--steps", "100", "--w2-repeats", "3",
                  "--name", "workloads"]},
-        {"name": "optimizer", "timeout": 105,
+        {"name": "optimizer", "timeout": 70,
          "cmd": [python, "benchmarks/optimizer.py", "--device", "cuda", "--params", "100",
                  "--skip-inductor", "--no-breakdown", "--repeats", "5",
-                 "--hpugraph-budget", "90", "--name", "optimizer-100"]},
+                 "--hpugraph-budget", "60", "--name", "optimizer-100"]},
+        {"name": "buckets", "timeout": 110,
+         "cmd": [python, "benchmarks/buckets.py", "--device", "cuda", "--quick",
+                 "--workloads", "bert", "llama", "generate-static", "--name", "buckets"]},
     ]
 
 
