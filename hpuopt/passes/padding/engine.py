@@ -292,6 +292,7 @@ class _Analysis:
                 return index_facts.propagate(node, self.states, self._unpadded_result(node))
             return self._unpadded_result(node)
         op = _Op(self, node)
+        self._check_merged(op)
         self._check_mutation(op)
         rule = _table_rule(target)
         self._check_value_uses(op, rule.size_args if rule else frozenset())
@@ -345,6 +346,25 @@ class _Analysis:
         self.aliases[node] = frozenset(bases)
 
     # -- checks no single rule can make ------------------------------------------------------
+
+    def _check_merged(self, op: _Op) -> None:
+        """A merged padded dim (``[B, S] -> [B*S]``) holds real positions that are not a prefix:
+        only ops that treat its positions alike (position-wise maths, contractions, reductions,
+        norms, views) may see it. Scans, slices, selects, gathers, concatenation, masks by
+        position and the like are unsafe."""
+        if op.target in _MERGED_OK_OVERLOADS or \
+                op.target.overloadpacket.__name__ in _MERGED_OK:  # type: ignore[union-attr]
+            return
+        merged: set[PadSource] = set()
+        for value in op.values.values():
+            for st in (value if isinstance(value, (list, tuple)) else (value,)):
+                st = self.state_of(st) if isinstance(st, torch.fx.Node) else None
+                if isinstance(st, _Tensor) and st.dims is not None:
+                    merged.update(x for d in st.dims if d is not None and d.parts is not None
+                                  for x in d.sources)
+        if merged:
+            raise _Unsafe(f"{op.schema.name.split('::')[-1]} on a merged padded dim: its real "
+                          "positions are not a prefix, and this op reads positions", merged)
 
     def _check_mutation(self, op: _Op) -> None:
         for name in _mutated_args(op):
@@ -425,6 +445,27 @@ class _Analysis:
                 raise _Unsafe(f"cannot express the output extent factor {factor} in input sizes",
                               {source})
         return scale, tuple(dims)
+
+
+def _merged_ok() -> frozenset[str]:
+    """Ops that treat every position of a dim alike (see ``_Analysis._check_merged``)."""
+    from hpuopt.passes.padding.rules import contractions, pointwise, positive
+
+    packets = {packet for family in (pointwise, positive, contractions)
+               for _, _, ops in family.ROWS for packet in ops} - {"tril", "triu"}
+    return frozenset(packets | {
+        "sum", "nansum", "any", "all", "amax", "amin", "prod", "mean", "var", "std", "var_mean",
+        "std_mean", "linalg_vector_norm", "norm", "logsumexp", "softmax", "_softmax",
+        "_log_softmax", "log_softmax", "native_layer_norm", "_fused_rms_norm", "view",
+        "_unsafe_view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t",
+        "expand", "clone", "_to_copy", "alias", "detach", "contiguous", "lift_fresh_copy",
+        "_assert_tensor_metadata", "_reshape_alias", "view_copy", "unsqueeze_copy",
+        "squeeze_copy", "permute_copy", "expand_copy", "transpose_copy",
+    })
+
+
+_MERGED_OK = _merged_ok()
+_MERGED_OK_OVERLOADS = frozenset({aten.max.other, aten.min.other})
 
 
 def _table_rule(target: Any) -> _Rule | None:

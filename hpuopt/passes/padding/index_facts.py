@@ -72,9 +72,8 @@ def _kept(node: torch.fx.Node, first: torch.fx.Node, st: _Tensor) -> int | None:
         return None
     iota = st.iota
     if packet in _VALUE_KEEPING:
-        keeps = not out.dtype.is_floating_point and not out.dtype.is_complex \
-            and out.dtype != torch.bool
-        return iota if keeps and out.dim() == src.dim() else None
+        return iota if _holds_positions(src.dtype, out.dtype) and out.dim() == src.dim() \
+            else None
     if packet in ("add", "sub"):
         other = node.args[1] if len(node.args) > 1 else None
         alpha = node.kwargs.get("alpha", 1)
@@ -96,7 +95,14 @@ def _kept(node: torch.fx.Node, first: torch.fx.Node, st: _Tensor) -> int | None:
     return None
 
 
-def _order(node: torch.fx.Node, rank: int) -> list[int] | None:
+_WIDTH = {torch.int64: 64, torch.int32: 32, torch.int16: 16, torch.int8: 8, torch.uint8: 8}
+
+
+def _holds_positions(src: torch.dtype, out: torch.dtype) -> bool:
+    """A cast keeps every position's value: integer to an integer type at least as wide (a
+    narrowing cast wraps large positions onto small ones; a float one rounds them)."""
+    return out in _WIDTH and src in _WIDTH and _WIDTH[out] >= _WIDTH[src] and \
+        not (src != torch.uint8 and out == torch.uint8)
     if node.target.overloadpacket.__name__ == "permute":  # type: ignore[union-attr]
         dims = node.args[1]
         return [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None

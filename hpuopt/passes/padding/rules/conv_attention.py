@@ -101,6 +101,19 @@ def _masks_pad_keys(op: _Op, name: str, q: _Tensor, k: _Tensor, v: _Tensor) -> b
     return True
 
 
+def _unpadded_mask_dims_broadcast(op: _Op, name: str, q: _Tensor, k: _Tensor) -> None:
+    """A mask dim the padding does not reach must broadcast (extent 1) where the operands it
+    lines up with are padded: a real-sized mask cannot meet a padded batch or length."""
+    mask, shape = op.tensor(name), op.shape(name)
+    rank = len(shape)
+    for j in range(rank):
+        a = j + 4 - rank  # position in (batch, heads, query, key)
+        ref = k.dim(2) if a == 3 else (q.dim(a) if a >= 0 else None)
+        if ref is not None and mask.dim(j) is None and not _same(shape[j], 1):
+            raise _Unsafe(f"attention {name} dim {j} keeps its real extent where the operands "
+                          "are padded", set(ref.sources))
+
+
 def _check_mask_lead_dims(op: _Op, name: str, mask: _Tensor, rank: int, q: _Tensor) -> None:
     """The mask's batch, head and query dims are padded as the query's (or not at all)."""
     for j in range(rank - 1):
@@ -115,12 +128,17 @@ def _attention(op: _Op) -> Any:
     q, k, v = op.tensor("query"), op.tensor("key"), op.tensor("value")
     masked = False
     for name in ("attn_mask", "attn_bias"):
-        if name in op.values and op.tensor(name).padded:
+        if name not in op.values or not isinstance(op.raw(name), torch.fx.Node):
+            continue
+        _unpadded_mask_dims_broadcast(op, name, q, k)
+        if op.tensor(name).padded:
             masked = _masks_pad_keys(op, name, q, k, v) or masked
     if (op.raw("dropout_p") or 0.0) > 0.0:
         raise _Unsafe("attention dropout is random (see rule 17)")
-    if q.dim(3) is not None or k.dim(3) is not None:
-        raise _Unsafe("attention contracts over the padded head dim")
+    heads = [t.dim(3) for t in (q, k) if t.dim(3) is not None]
+    if heads:
+        raise _Unsafe("attention contracts over the padded head dim",
+                      {x for d in heads for x in d.sources})
     kl, vl = k.dim(2), v.dim(2)
     if kl is not None or vl is not None:
         ql = q.dim(2)
@@ -130,13 +148,23 @@ def _attention(op: _Op) -> Any:
                         and _same(op.shape("query")[2], op.shape("key")[2]))
         if not ok:
             raise _Unsafe("attention over a padded key length: the softmax normaliser reads the "
-                          "pad (safe only for causal self-attention padded on both lengths)")
+                          "pad (safe only for causal self-attention padded on both lengths)",
+                          {x for d in (kl, vl) if d is not None for x in d.sources})
+        if kl is None or vl is None or not _same_dim(kl, vl):
+            raise _Unsafe("attention keys and values carry the key length differently",
+                          {x for d in (kl, vl) if d is not None for x in d.sources})
+        op.an.tie_dims(kl, vl)
+        if causal and ql is not None:
+            op.an.tie_dims(kl, ql)
     lead = []
     for d in (0, 1):
         ds = [t.dim(d) for t in (q, k, v)]
         present = [x for x in ds if x is not None]
         if present and (len(present) != 3 or not all(_same_dim(present[0], x) for x in present)):
-            raise _Unsafe(f"attention operands carry the padded extent differently on dim {d}")
+            raise _Unsafe(f"attention operands carry the padded extent differently on dim {d}",
+                          {x for p in present for x in p.sources})
+        for x in present[1:]:
+            op.an.tie_dims(present[0], x)
         lead.append(present[0] if present else None)
     # Fully masked rows (a pad batch row, say) give zeros, not NaN, in torch's attention since
     # 2.5 (transformers relies on it as well), so finite operands give a finite output.
