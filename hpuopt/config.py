@@ -19,6 +19,8 @@ from typing import Any, Literal
 from hpuopt.errors import ConfigError
 
 ENV_PREFIX = "HPUOPT_"
+DIM_NAMES = {"batch": 0, "seq": 1}
+"""Names ``dim_buckets`` accepts for input dims, beside positions."""
 
 RuntimeName = Literal["auto", "cpu", "cuda", "hpu"]
 
@@ -59,10 +61,17 @@ class Config:
         bucket_sizes: The buckets to pad to, ascending; empty means powers of two up to
             ``max_bucket``.
         max_bucket: The largest power-of-two bucket when ``bucket_sizes`` is empty.
+        dim_buckets: Buckets for one input dim, overriding the two above there: entries
+            ``"<dim>:<sizes>"`` where ``<dim>`` is a dim position (``0``, ``1``...) or ``batch``
+            (dim 0) or ``seq`` (dim 1), and ``<sizes>`` is an ascending list ``16,32,64`` or
+            ``max=<n>`` (powers of two up to n). As an option, a mapping also works:
+            ``{"seq": [16, 32, 64], "batch": {"max": 8}}``; as ``HPUOPT_DIM_BUCKETS``, entries
+            separated by ``;``.
         above_largest: A size above the largest bucket is captured at its exact shape
             (``"exact"``) or runs uncaptured (``"uncaptured"``).
-        max_pad_waste: Pad only while the padded share of a dimension stays at or below this
-            fraction (0.5: never more than double the real size).
+        max_pad_waste: Pad only while the padded share of an input stays at or below this
+            fraction of its padded area (0.5: never more than double the real elements), for
+            one padded dim or several at once.
         strict: Raise :class:`hpuopt.errors.FallbackError` instead of running a piece uncaptured.
         clone_outputs: Clone captured outputs that escape to the caller so a later replay cannot
             change them. ``False`` returns the graph's own memory (faster; a later replay
@@ -113,6 +122,7 @@ class Config:
     padding: bool = True
     bucket_sizes: tuple[int, ...] = ()
     max_bucket: int = 4096
+    dim_buckets: tuple[str, ...] = ()
     above_largest: Literal["exact", "uncaptured"] = "exact"
     max_pad_waste: float = 0.5
     strict: bool = False
@@ -149,6 +159,7 @@ class Config:
             )
         if self.max_bucket < 1:
             raise ConfigError(f"max_bucket must be at least 1, got {self.max_bucket}")
+        self.dim_bucket_rules()  # raises on a malformed entry
         if self.above_largest not in ("exact", "uncaptured"):
             raise ConfigError(
                 f"above_largest={self.above_largest!r} is not one of ['exact', 'uncaptured']"
@@ -219,6 +230,37 @@ class Config:
             values["hpu_disable_tensor_cache"] = tensor_cache == "1"
         return cls(**values)
 
+    def dim_bucket_rules(self) -> dict[int, tuple[tuple[int, ...], int]]:
+        """``dim_buckets`` parsed: dim -> (ascending sizes or ``()``, largest power of two)."""
+        rules: dict[int, tuple[tuple[int, ...], int]] = {}
+        for entry in self.dim_buckets:
+            key, sep, spec = entry.partition(":")
+            key, spec = key.strip().lower(), spec.strip()
+            dim = DIM_NAMES.get(key, int(key) if key.isdigit() else None)
+            if not sep or dim is None or not spec:
+                raise ConfigError(
+                    f"dim_buckets entry {entry!r} is not '<dim>:<sizes>' with <dim> a position "
+                    f"or one of {sorted(DIM_NAMES)} and <sizes> '16,32,64' or 'max=<n>'"
+                )
+            if spec.startswith("max="):
+                try:
+                    top = int(spec[4:])
+                except ValueError:
+                    top = 0
+                if top < 1:
+                    raise ConfigError(f"dim_buckets entry {entry!r}: max must be an int >= 1")
+                rules[dim] = ((), top)
+                continue
+            try:
+                sizes = tuple(int(x) for x in spec.split(","))
+            except ValueError:
+                raise ConfigError(f"dim_buckets entry {entry!r}: sizes must be integers") from None
+            if list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+                raise ConfigError(
+                    f"dim_buckets entry {entry!r}: sizes must be positive and strictly ascending")
+            rules[dim] = (sizes, sizes[-1])
+        return rules
+
     def replace(self, **changes: Any) -> Config:
         return Config.from_options({**dataclasses.asdict(self), **changes}, environ={})
 
@@ -237,10 +279,28 @@ def bridge_mode(raw: str | None) -> str:
     return f"{BRIDGE_MODE_VARIABLE}={text}"
 
 
+def _dim_bucket_entries(value: Any) -> Any:
+    """``{"seq": [16, 32], "batch": {"max": 8}}`` as ``dim_buckets`` entries; else ``value``."""
+    if not isinstance(value, Mapping):
+        return value
+    entries = []
+    for dim, spec in value.items():
+        if isinstance(spec, Mapping) and set(spec) == {"max"}:
+            entries.append(f"{dim}:max={spec['max']}")
+        elif isinstance(spec, (list, tuple)):
+            entries.append(f"{dim}:" + ",".join(str(x) for x in spec))
+        else:
+            raise ConfigError(f"dim_buckets[{dim!r}] must be a list of sizes or {{'max': n}}, "
+                              f"got {spec!r}")
+    return entries
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Checks an ``options=`` value against the field's type; accepts a list for a tuple."""
     if hint is PieceCompilerSpec and callable(value):
         return value
+    if name == "dim_buckets":
+        value = _dim_bucket_entries(value)
     origin = typing.get_origin(hint)
     if hint is bool:
         if not isinstance(value, bool):
@@ -283,6 +343,8 @@ def _parse_env(key: str, raw: str, hint: Any) -> Any:
             return hint(text)
         except ValueError:
             raise ConfigError(f"{key}={raw!r} is not a{'n integer' if hint is int else ' number'}") from None
+    if key == ENV_PREFIX + "DIM_BUCKETS":
+        return tuple(part.strip() for part in text.split(";") if part.strip())
     if typing.get_origin(hint) is tuple:
         parts = [part.strip() for part in text.split(",") if part.strip()]
         if typing.get_args(hint)[0] is int:

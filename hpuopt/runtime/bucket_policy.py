@@ -1,7 +1,8 @@
 """Which bucket a dynamic size is padded to.
 
 A bucket list comes from the config: the user's ``bucket_sizes``, or powers of two up to
-``max_bucket``. :meth:`BucketPolicy.bucket` answers, for a real size ``n``:
+``max_bucket``; ``dim_buckets`` overrides both for one input dim (``batch``, ``seq`` or a
+position). :meth:`BucketPolicy.bucket` answers, for a real size ``n``:
 
 * the bucket ``b >= n`` to pad to, when padding wastes at most ``max_pad_waste`` of ``b``;
 * ``n`` itself (capture the exact shape) when the nearest bucket wastes more, or when ``n`` is
@@ -17,9 +18,14 @@ from hpuopt.config import Config
 
 
 class BucketPolicy:
-    def __init__(self, config: Config) -> None:
-        self.sizes = tuple(config.bucket_sizes)
-        self.max_bucket = self.sizes[-1] if self.sizes else config.max_bucket
+    def __init__(self, config: Config, dim: int | None = None) -> None:
+        """The policy of input dim ``dim``: its ``dim_buckets`` entry, else the global one."""
+        rule = config.dim_bucket_rules().get(dim) if dim is not None else None
+        if rule is not None:
+            self.sizes, self.max_bucket = rule
+        else:
+            self.sizes = tuple(config.bucket_sizes)
+            self.max_bucket = self.sizes[-1] if self.sizes else config.max_bucket
         self.max_waste = config.max_pad_waste
         self.exact_above = config.above_largest == "exact"
 

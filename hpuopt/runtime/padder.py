@@ -42,12 +42,17 @@ class Padder:
             if gm is None:
                 return None
             checker = ValueChecks(gm, plan)
-        return cls(plan, BucketPolicy(config), checker)
+        policies = {s: BucketPolicy(config, s.dim) for s in plan.padded}
+        return cls(plan, BucketPolicy(config), checker, policies, config.max_pad_waste)
 
     def __init__(self, plan: PaddingPlan, policy: BucketPolicy,
-                 checker: ValueChecks | None = None) -> None:
+                 checker: ValueChecks | None = None,
+                 policies: dict[PadSource, BucketPolicy] | None = None,
+                 max_waste: float = 1.0) -> None:
         self.plan = plan
         self.policy = policy
+        self.policies = policies or {}
+        self.max_waste = max_waste
         self.sources: tuple[PadSource, ...] = plan.padded
         self.dims: dict[int, list[PadSource]] = {}
         for src in self.sources:
@@ -71,10 +76,12 @@ class Padder:
                 self._exact(f"input {src.input} is not contiguous")
                 return None
             n = arg.shape[src.dim]
-            b = self.policy.bucket(n)
+            b = self.policies.get(src, self.policy).bucket(n)
             if b is None:
                 return ABOVE_LARGEST
             out[src] = (n, b)
+        if len(self.sources) > len(self.dims) and self._area_waste(out) > self.max_waste:
+            out = {src: (n, n) for src, (n, _) in out.items()}  # exact: too much pad in all
         for a, b in self.plan.ties:
             if a in out and b in out and out[a][1] != out[b][1]:
                 self._exact(f"{a} and {b} fall in different buckets")
@@ -94,6 +101,17 @@ class Padder:
                 self._exact(failed)
                 return None
         return out
+
+    def _area_waste(self, sizes: dict[PadSource, tuple[int, int]]) -> float:
+        """The largest padded share of one input's elements (several padded dims multiply)."""
+        worst = 0.0
+        for srcs in self.dims.values():
+            real = padded = 1
+            for src in srcs:
+                real, padded = real * sizes[src][0], padded * sizes[src][1]
+            if padded:
+                worst = max(worst, 1.0 - real / padded)
+        return worst
 
     def prepare(
         self, static: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
@@ -147,7 +165,12 @@ class Padder:
         """What this padder pads, for explain (and which calls it could not pad, and why)."""
         dims = ", ".join(str(s) for s in self.sources)
         zero = " with zero padding" if self.zero else ""
-        text = f"pads {dims} to {self.policy.describe()}{zero}"
+        where = self.policy.describe()
+        special = [f"{s}: {p.describe()}" for s, p in self.policies.items()
+                   if p.describe() != where]
+        if special:
+            where = "; ".join(special) + f"; others {where}"
+        text = f"pads {dims} to {where}{zero}"
         if self.exact_calls:
             text += "; ran exact: " + ", ".join(
                 f"{n} call{'s' if n > 1 else ''} ({why})" for why, n in self.exact_calls.items())
