@@ -164,7 +164,8 @@ def _piece_costs(p: PieceReport, name: str) -> list[tuple[tuple, Cost]]:
         out.append((
             ("not padded", f.source_line or f.op),
             Cost("not padded", p.calls, f"captured once per exact size: {b}",
-                 short_source(f.source_line), wording.NOT_PADDED_FIX, link("not_padded"),
+                 short_source(f.source_line), wording.not_padded_fix(f.source_line),
+                 link("not_padded"),
                  "padding", (name,), captures=p.misses),
         ))
     return out

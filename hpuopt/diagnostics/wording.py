@@ -200,6 +200,20 @@ NOT_PADDED_FIX = (
     "max_graphs"
 )
 
+GROWING_CACHE_FIX = (
+    "this is a key/value cache that grows by each step's tokens (transformers' dynamic cache), "
+    "so every decode step is a new shape; generate(..., cache_implementation=\"static\") keeps "
+    "one shape per batch (docs/user_guide.md#hugging-face-models)"
+)
+
+
+def not_padded_fix(source_line: str | None) -> str:
+    """What to do about a piece captured per exact size; a growing KV cache gets its own."""
+    text = source_line or ""
+    if "cache_utils.py" in text or "past_key_value" in text:
+        return GROWING_CACHE_FIX
+    return NOT_PADDED_FIX
+
 
 # -- graph keys -------------------------------------------------------------------------------
 
