@@ -178,6 +178,8 @@ class Entry:
             outs = list(outs)
         if not clone:
             for i in escaping:
+                if getattr(outs[i], "_hpuopt_fresh", False):
+                    continue  # a dense copy made when the bucket was cut: the caller's own
                 outs[i] = _lend(outs[i])
                 lent.append(weakref.ref(outs[i]))
             return outs, len(escaping), 0
@@ -186,6 +188,8 @@ class Entry:
         lent_now = 0
         layouts = self.layouts
         for i in escaping:
+            if getattr(outs[i], "_hpuopt_fresh", False):
+                continue  # a dense copy made when the bucket was cut: the caller's own
             if i in lend:
                 buf, layout = layouts[i]
                 if outs[i] is buf:  # the buffer itself: its layout is known

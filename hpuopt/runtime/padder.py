@@ -270,14 +270,26 @@ def describe_padding(padder: Padder | None, plan: PaddingPlan | None) -> str:
 
 def slice_outputs(plan: PaddingPlan, outputs: Sequence[Any], real_inputs: Sequence[Any],
                   padded_inputs: Sequence[Any]) -> list[Any]:
-    """Cuts every padded output dim of ``plan`` back to its real extent (``narrow``, no copy)."""
+    """Cuts every padded output dim of ``plan`` back to its real extent (``narrow``, no copy).
+
+    A cut along an inner dim leaves a view whose rows keep the bucket's stride, which the
+    unpadded run never returns (eager's output is dense, so ``view(-1, n)`` works on it): such an
+    output becomes a dense copy, marked ``_hpuopt_fresh`` so it is not cloned again."""
     result = list(outputs)
+    cut: set[int] = set()
     for od in plan.outputs:
         n = _extent_of(real_inputs[od.source.input], od.source.dim)
         big = _extent_of(padded_inputs[od.source.input], od.source.dim)
         out = result[od.output]
         real = od.real_extent(int(out.shape[od.dim]), n, big, real_inputs)
         result[od.output] = out.narrow(od.dim, 0, real)
+        cut.add(od.output)
+    for k in cut:
+        view = result[k]
+        if not view.is_contiguous() and outputs[k].is_contiguous():
+            dense = view.contiguous()
+            dense._hpuopt_fresh = True  # type: ignore[attr-defined]
+            result[k] = dense
     return result
 
 

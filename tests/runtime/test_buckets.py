@@ -206,3 +206,19 @@ def test_dim_buckets_entries_are_checked():
     for bad in (["tokens:8"], ["seq:32,16"], ["batch:max=0"], ["seq"]):
         with pytest.raises(hpuopt.ConfigError, match="dim_buckets"):
             Config.from_options({"dim_buckets": bad}, environ={})
+
+
+def test_an_output_cut_back_along_an_inner_dim_is_dense_like_eagers():
+    """Padding the sequence of a [B, S, H] output and cutting it back leaves rows with the
+    bucket's stride; the caller gets a dense tensor, as from eager, so ``view(-1, H)`` works."""
+
+    def f(x, m):
+        return torch.tanh(x) * m[..., None]
+
+    compiled = hpuopt.compile(f, dynamic=True)
+    for b, s in [(2, 5), (3, 7), (2, 6), (4, 13)]:
+        x, m = torch.randn(b, s, 8), torch.randint(0, 2, (b, s)).float()
+        out = compiled(x, m)
+        torch.testing.assert_close(out, f(x, m))
+        assert out.is_contiguous() and out.view(-1, 8).shape == (b * s, 8)
+    assert any("dim 1" in p.padding for p in compiled.explain().pieces if p.captured)
