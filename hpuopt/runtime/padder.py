@@ -81,6 +81,7 @@ class Padder:
                 return ABOVE_LARGEST
             out[src] = (n, b)
         if len(self.sources) > len(self.dims) and self._area_waste(out) > self.max_waste:
+            self._exact(f"the padded area would be over max_pad_waste={self.max_waste:g} pad")
             out = {src: (n, n) for src, (n, _) in out.items()}  # exact: too much pad in all
         for a, b in self.plan.ties:
             if a in out and b in out and out[a][1] != out[b][1]:
