@@ -69,9 +69,9 @@ class Config:
             separated by ``;``.
         above_largest: A size above the largest bucket is captured at its exact shape
             (``"exact"``) or runs uncaptured (``"uncaptured"``).
-        max_pad_waste: Pad only while the padded share of an input stays at or below this
-            fraction of its padded area (0.5: never more than double the real elements), for
-            one padded dim or several at once.
+        max_pad_waste: Pad a dim only while its padded share stays at or below this fraction
+            (0.5: never more than double the real size). Over an input padded along ``k`` dims
+            the pad is then at most ``1 - (1 - max_pad_waste) ** k`` of its elements.
         strict: Raise :class:`hpuopt.errors.FallbackError` instead of running a piece uncaptured.
         clone_outputs: Clone captured outputs that escape to the caller so a later replay cannot
             change them. ``False`` returns the graph's own memory (faster; a later replay

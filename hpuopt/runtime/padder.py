@@ -43,16 +43,14 @@ class Padder:
                 return None
             checker = ValueChecks(gm, plan)
         policies = {s: BucketPolicy(config, s.dim) for s in plan.padded}
-        return cls(plan, BucketPolicy(config), checker, policies, config.max_pad_waste)
+        return cls(plan, BucketPolicy(config), checker, policies)
 
     def __init__(self, plan: PaddingPlan, policy: BucketPolicy,
                  checker: ValueChecks | None = None,
-                 policies: dict[PadSource, BucketPolicy] | None = None,
-                 max_waste: float = 1.0) -> None:
+                 policies: dict[PadSource, BucketPolicy] | None = None) -> None:
         self.plan = plan
         self.policy = policy
         self.policies = policies or {}
-        self.max_waste = max_waste
         self.sources: tuple[PadSource, ...] = plan.padded
         self.dims: dict[int, list[PadSource]] = {}
         for src in self.sources:
@@ -80,9 +78,6 @@ class Padder:
             if b is None:
                 return ABOVE_LARGEST
             out[src] = (n, b)
-        if len(self.sources) > len(self.dims) and self._area_waste(out) > self.max_waste:
-            self._exact(f"the padded area would be over max_pad_waste={self.max_waste:g} pad")
-            out = {src: (n, n) for src, (n, _) in out.items()}  # exact: too much pad in all
         for a, b in self.plan.ties:
             if a in out and b in out and out[a][1] != out[b][1]:
                 self._exact(f"{a} and {b} fall in different buckets")
@@ -102,17 +97,6 @@ class Padder:
                 self._exact(failed)
                 return None
         return out
-
-    def _area_waste(self, sizes: dict[PadSource, tuple[int, int]]) -> float:
-        """The largest padded share of one input's elements (several padded dims multiply)."""
-        worst = 0.0
-        for srcs in self.dims.values():
-            real = padded = 1
-            for src in srcs:
-                real, padded = real * sizes[src][0], padded * sizes[src][1]
-            if padded:
-                worst = max(worst, 1.0 - real / padded)
-        return worst
 
     def prepare(
         self, static: list[Any], args: Sequence[Any], sizes: dict[PadSource, tuple[int, int]]
