@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import torch

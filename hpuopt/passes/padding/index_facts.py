@@ -103,6 +103,9 @@ def _holds_positions(src: torch.dtype, out: torch.dtype) -> bool:
     narrowing cast wraps large positions onto small ones; a float one rounds them)."""
     return out in _WIDTH and src in _WIDTH and _WIDTH[out] >= _WIDTH[src] and \
         not (src != torch.uint8 and out == torch.uint8)
+
+
+def _order(node: torch.fx.Node, rank: int) -> list[int] | None:
     if node.target.overloadpacket.__name__ == "permute":  # type: ignore[union-attr]
         dims = node.args[1]
         return [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None
