@@ -46,7 +46,8 @@ def plan(python: str) -> list[dict]:
                  "--hpugraph-budget", "60", "--name", "optimizer-100"]},
         {"name": "buckets", "timeout": 110,
          "cmd": [python, "benchmarks/buckets.py", "--device", "cuda", "--quick",
-                 "--workloads", "bert", "llama", "generate-static", "--name", "buckets"]},
+                 "--workloads", "bert", "llama", "generate-static", "--name", "buckets",
+                 "--out-dir", str(RESULTS)]},
     ]
 
 

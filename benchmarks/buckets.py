@@ -42,7 +42,6 @@ import dataclasses
 import gc
 import math
 import random
-import statistics
 import time
 import warnings
 from collections import Counter

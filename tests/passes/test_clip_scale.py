@@ -4,7 +4,6 @@ near-miss is left alone with its reason."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
