@@ -17,7 +17,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import hpuopt
-from hpuopt.runtime.lending import Lender, lent_storage
+from hpuopt.runtime.lending import CAN_LEND, Lender, lent_storage
+
+needs_lending = pytest.mark.skipif(
+    not CAN_LEND, reason="this torch cannot redirect a storage (no UntypedStorage._swap_data_ptr_"
+    "): every output is cloned, which the other tests check stays correct")
 
 
 def _mlp(width: int = 16, blocks: int = 3) -> nn.Module:
@@ -60,6 +64,7 @@ class Kept:
 # -- the mechanism -----------------------------------------------------------------------------
 
 
+@needs_lending
 def test_lender_copies_out_only_what_is_alive():
     buf = torch.randn(6, 4)
     lender = Lender()
@@ -80,6 +85,7 @@ def test_lender_copies_out_only_what_is_alive():
     assert kept.data_ptr() != buf.data_ptr() and len(lender) == 0
 
 
+@needs_lending
 def test_a_dropped_lender_copies_out_what_is_alive():
     buf = torch.randn(5)
     lender = Lender()
@@ -90,6 +96,7 @@ def test_a_dropped_lender_copies_out_what_is_alive():
     torch.testing.assert_close(kept, then)
 
 
+@needs_lending
 def test_saved_activations_and_gradients_are_lent_and_read_in_place():
     model, ref = _pair(_mlp())
     batches = [torch.randn(4, 16) for _ in range(8)]  # all alive: each batch at its own address
@@ -142,7 +149,7 @@ def test_gradient_accumulation_keeps_earlier_gradients():
                 first = _grads(model)  # the lent gradients themselves
         # the first micro-batch's gradients were still alive (in .grad) at the next backward:
         # copied out before the replay, then accumulated into by autograd, as eager does
-        assert hpuopt.counters.lent_copies > before
+        assert hpuopt.counters.lent_copies > before or not CAN_LEND
         assert all(g is now for g, now in zip(first, _grads(model)))
     kept.check()
 
@@ -167,7 +174,7 @@ def test_two_forwards_before_one_backward():
         _assert_grads(model, ref)
         kept.add(*_grads(model))
     kept.check()
-    assert hpuopt.counters.lent_copies > 0
+    assert hpuopt.counters.lent_copies > 0 or not CAN_LEND
 
 
 def test_gradients_kept_across_steps_do_not_change():
@@ -362,4 +369,4 @@ def test_tiny_transformer_training_loop_matches_eager(kind):
             opt.step()
             ref_opt.step()
     kept.check()
-    assert hpuopt.counters.outputs_lent > 0
+    assert hpuopt.counters.outputs_lent > 0 or not CAN_LEND
