@@ -355,16 +355,22 @@ class _Analysis:
         if op.target in _MERGED_OK_OVERLOADS or \
                 op.target.overloadpacket.__name__ in _MERGED_OK:  # type: ignore[union-attr]
             return
+        along = _positional_dims(op)
         merged: set[PadSource] = set()
         for value in op.values.values():
-            for st in (value if isinstance(value, (list, tuple)) else (value,)):
-                st = self.state_of(st) if isinstance(st, torch.fx.Node) else None
-                if isinstance(st, _Tensor) and st.dims is not None:
-                    merged.update(x for d in st.dims if d is not None and d.parts is not None
-                                  for x in d.sources)
+            for node in (value if isinstance(value, (list, tuple)) else (value,)):
+                st = self.state_of(node) if isinstance(node, torch.fx.Node) else None
+                if not isinstance(st, _Tensor) or st.dims is None:
+                    continue
+                rank = len(st.dims)
+                for i, d in enumerate(st.dims):
+                    if d is not None and d.parts is not None and (
+                            along is None or along[1] != rank or i in along[0]):
+                        merged.update(d.sources)
         if merged:
             raise _Unsafe(f"{op.schema.name.split('::')[-1]} on a merged padded dim: its real "
-                          "positions are not a prefix, and this op reads positions", merged)
+                          "positions are not a prefix, and this op reads positions along it",
+                          merged)
 
     def _check_mutation(self, op: _Op) -> None:
         for name in _mutated_args(op):
@@ -465,6 +471,35 @@ def _merged_ok() -> frozenset[str]:
 
 
 _MERGED_OK = _merged_ok()
+_ALONG_DIM = frozenset({
+    "topk", "sort", "argsort", "msort", "kthvalue", "median", "nanmedian", "mode", "cumsum",
+    "cumprod", "logcumsumexp", "cummax", "cummin", "argmax", "argmin", "max", "min",
+    "index_select", "select", "slice", "narrow", "cat", "split", "split_with_sizes", "unbind",
+    "chunk", "flip", "roll",
+})
+
+
+def _positional_dims(op: _Op) -> tuple[frozenset[int], int] | None:
+    """The dims an op reads positions along, with the rank they refer to, for ops that act
+    along given dims only (a sort over the last dim treats the rows alike); ``None`` when the
+    op may read positions anywhere."""
+    packet = op.target.overloadpacket.__name__  # type: ignore[union-attr]
+    first = next((v for v in op.values.values() if isinstance(v, torch.fx.Node)), None)
+    if first is None and isinstance(op.raw("tensors"), (list, tuple)) and op.raw("tensors"):
+        first = op.raw("tensors")[0]
+    rank = len(op.an.shape_of(first)) if isinstance(first, torch.fx.Node) else 0
+    if not rank:
+        return None
+    if packet in ("tril", "triu"):
+        return frozenset({rank - 2, rank - 1}), rank
+    if packet not in _ALONG_DIM:
+        return None
+    dims = op.raw("dims") if packet in ("flip", "roll") else op.raw("dim")
+    dims = [dims] if isinstance(dims, int) else dims
+    if not isinstance(dims, (list, tuple)) or not dims or \
+            not all(isinstance(d, int) for d in dims):
+        return None
+    return frozenset(d % rank for d in dims), rank
 _MERGED_OK_OVERLOADS = frozenset({aten.max.other, aten.min.other})
 
 

@@ -109,3 +109,26 @@ def test_adding_tensors_padded_along_different_dims_brings_real_values_into_the_
     plan = analyze_padding(gm, {0: 0, 1: 0})
     assert not plan.verdict(1, 0).safe
     check_padded_run(gm, plan, [x, y], 8)
+
+
+@pytest.mark.parametrize("op", ["topk", "sort", "cumsum", "flip", "cat"])
+def test_ops_along_another_dim_than_a_merged_one_are_safe(op) -> None:
+    """A router's ``topk`` over the experts of ``[B*S, E]`` tokens treats the tokens alike:
+    an op that reads positions only along a dim other than the merged one keeps it."""
+    along = {
+        "topk": lambda h: torch.topk(h, 2, dim=-1).values,
+        "sort": lambda h: torch.sort(h, dim=1).values,
+        "cumsum": lambda h: h.cumsum(1),
+        "flip": lambda h: h.flip(1),
+        "cat": lambda h: torch.cat([h, h * 2], 1),
+    }[op]
+
+    def f(x):
+        b, s, e = x.shape
+        return along(x.reshape(b * s, e)).reshape(b, s, -1).relu()
+
+    x = rand(3, 5, 6)
+    gm = trace(f, x)
+    plan = analyze_padding(gm, {0: [0, 1]})
+    assert {PadSource(0, 0), PadSource(0, 1)} <= set(plan.padded), plan.reasons
+    check_padded_run(gm, plan, [x], 8)
