@@ -243,6 +243,9 @@ class PaddingPlan:
     bucket's extent (a buffer sliced to the padded length is long enough). Only nodes computed
     from parameters, buffers and sizes are checked, once per bucket; a bucket that fails runs
     exact."""
+    mask_inputs: tuple[int, ...] = ()
+    """Additive attention masks among the padded inputs: the runtime fills their pad with
+    ``-inf`` (the masking value) instead of zero or NaN."""
     positive_inputs: tuple[int, ...] = ()
     """0-dim inputs the plan needs positive (an RMS norm's ``eps`` passed as a tensor): a call
     where one is not runs exact."""

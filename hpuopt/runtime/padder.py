@@ -57,6 +57,7 @@ class Padder:
             self.dims.setdefault(src.input, []).append(src)
         self.size_inputs = {si.input: si.source for si in plan.size_inputs}
         self.zero = plan.required_pad_value == 0.0
+        self.masks = frozenset(plan.mask_inputs)
         self.checker = checker
         self.exact_calls: dict[str, int] = {}
         """Calls this padder could not pad, by why: ``explain`` says so beside what it pads."""
@@ -108,7 +109,9 @@ class Padder:
             for src in srcs:
                 shape[src.dim] = sizes[src][1]
             buf = torch.empty(shape, dtype=arg.dtype, device=arg.device)
-            if self.zero:
+            if i in self.masks:
+                buf.fill_(float("-inf"))
+            elif self.zero:
                 buf.zero_()
             elif buf.is_floating_point():
                 buf.fill_(float("nan"))
@@ -125,11 +128,14 @@ class Padder:
         copied: Sequence[int],
     ) -> None:
         """Copies this call's ``copied`` arguments into the static ``inputs``: the real rows to
-        the front of each padded buffer (the rest zeroed when the plan needs zero padding)."""
+        the front of each padded buffer (the rest zeroed when the plan needs zero padding, and
+        -inf in an additive mask's)."""
         for i in copied:
             if i in self.dims:
                 buf = inputs[i]
-                if self.zero:
+                if i in self.masks:  # an additive mask: its pad keys stay masked
+                    buf.fill_(float("-inf"))
+                elif self.zero:
                     buf.zero_()
                 self._real(buf, i, sizes).copy_(args[i], non_blocking=True)
             else:

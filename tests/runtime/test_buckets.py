@@ -222,3 +222,21 @@ def test_an_output_cut_back_along_an_inner_dim_is_dense_like_eagers():
         torch.testing.assert_close(out, f(x, m))
         assert out.is_contiguous() and out.view(-1, 8).shape == (b * s, 8)
     assert any("dim 1" in p.padding for p in compiled.explain().pieces if p.captured)
+
+
+def test_an_additive_mask_passed_in_is_padded_with_its_masking_value():
+    """A float attention mask passed as an input (0 keeps a key, -inf drops it): the runtime
+    fills its pad with -inf, so padding the key length leaves the real outputs as eager's."""
+
+    def attend(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    compiled = hpuopt.compile(attend, dynamic=True)
+    gen = torch.Generator().manual_seed(12)
+    for b, s in [(2, 5), (3, 7), (2, 6), (4, 11)]:
+        q, k, v = (torch.randn(b, 2, s, 8, generator=gen) for _ in range(3))
+        keep = torch.rand(b, s, generator=gen) > 0.3
+        keep[:, 0] = True
+        mask = torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
+        torch.testing.assert_close(compiled(q, k, v, mask), attend(q, k, v, mask))
+    assert any("input 3 dim 3" in p.padding for p in compiled.explain().pieces if p.captured)

@@ -13,11 +13,12 @@ in :mod:`hpuopt.records` and are re-exported here.
 What the analysis proves, its domain, the rules per op family and its guarantees:
 ``docs/padding.md``. The modules: ``domain`` (abstract states), ``binding`` (an op's arguments
 by schema name), ``rules/`` (transfer rules and table rows per op family), ``table`` (the rows
-assembled), ``engine`` (the walk and the driver), ``analysis_pass`` (the pass).
+assembled), ``engine`` (the walk), ``driver`` (proposals, repeated walks, the plan),
+``index_facts`` and ``fills`` (facts carried beside the rules), ``analysis_pass`` (the pass).
 """
 
 from hpuopt.passes.padding.analysis_pass import PaddingAnalysisPass
-from hpuopt.passes.padding.engine import analyze_padding, default_pad_dims, plan_padding
+from hpuopt.passes.padding.driver import analyze_padding, default_pad_dims, plan_padding
 from hpuopt.records import (
     InputVerdict,
     OutputDim,

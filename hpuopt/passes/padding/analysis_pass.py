@@ -14,7 +14,7 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.passes.base import GraphPass, PassResult, Stage
-from hpuopt.passes.padding.engine import analyze_padding, plan_padding
+from hpuopt.passes.padding.driver import analyze_padding, plan_padding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The padding analysis's engine: one forward walk over a graph, and the driver around it.
+"""The padding analysis's engine: one forward walk over a graph.
 
 The question is whether a static piece may run on inputs whose proposed dims were padded up to a
 bucket, with arbitrary pad contents, and give outputs whose real region equals the unpadded
@@ -12,8 +12,9 @@ poisons the result, so later consumers are skipped and one cause is reported onc
 Around the rules the engine keeps what no single op sees: sizes read as values (a padded
 ``sym_size`` flowing into a non-shape argument), in-place writes into graph inputs, and a safety
 net that compares every result's traced shape with its state, so a rule that lost track of a
-padded dim is reported instead of trusted. The driver (:func:`analyze_padding`) drops the sources
-an unsafe node implicates and walks again, until the remaining sources are jointly safe.
+padded dim is reported instead of trusted. The driver (``driver.py``: :func:`analyze_padding`)
+drops the sources an unsafe node implicates and walks again, until the remaining sources are
+jointly safe.
 
 ``docs/padding.md`` states the question exactly, describes the domain and every rule family, and
 lists the guarantees.
@@ -21,22 +22,22 @@ lists the guarantees.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import sympy
 import torch
 import torch.fx
 
-from hpuopt.fx_utils import MISSING, node_value, op_name, placeholders, source_line
+from hpuopt.fx_utils import MISSING, node_value, op_name, source_line
 from hpuopt.passes.padding import fills, index_facts
 from hpuopt.passes.padding.binding import _mutated_args, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _POISON,
     _UNPADDED,
+    ANY,
     ZERO,
     _Dim,
     _dim_pairs,
@@ -46,10 +47,11 @@ from hpuopt.passes.padding.domain import (
     _Tensor,
     _Unsafe,
 )
+from hpuopt.passes.padding.fills import NEG_INF
 from hpuopt.passes.padding.rules.factories import _random
 from hpuopt.passes.padding.rules.pointwise import _copy, _pointwise
 from hpuopt.passes.padding.table import RULES, _lookup
-from hpuopt.records import InputVerdict, OutputDim, PaddingPlan, PadSource, SizeInput, UnsafeReason
+from hpuopt.records import OutputDim, PadSource, SizeInput, UnsafeReason
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,11 @@ class _Analysis:
     """One forward walk over the graph for a fixed set of sources."""
 
     def __init__(self, gm: torch.fx.GraphModule, sources: Sequence[PadSource],
-                 allow_zero_pad: bool = True) -> None:
+                 allow_zero_pad: bool = True, masks: frozenset[int] = frozenset()) -> None:
         self.gm = gm
         self.allow_zero_pad = allow_zero_pad
+        self.masks = masks  # inputs whose pad the runtime fills with -inf (additive masks)
+        self.wants_mask_fill: set[int] = set()
         self.pad_facts_stale = False
         self.sources = tuple(sources)
         self.states: dict[torch.fx.Node, Any] = {}
@@ -127,6 +131,21 @@ class _Analysis:
     def require_check(self, node: torch.fx.Node, kind: str, bound: int) -> None:
         """Records a value the runtime checks per bucket (``PaddingPlan.checks``)."""
         self.checks[(node.name, kind, int(bound))] = None
+
+    def want_mask_fill(self, node: Any) -> bool:
+        """An attention bias whose pad keys hold 0 rather than -inf: when it comes straight
+        (through views, expands and casts) from a floating input, ask for that input's pad to
+        be filled with -inf on the next walk. Returns whether one was found."""
+        while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.args \
+                and op_name(node.target).split(".")[1] in _MASK_PATH:
+            node = node.args[0]
+        index = self.placeholder_index.get(node) if isinstance(node, torch.fx.Node) else None
+        val = node_value(node) if index is not None else None
+        if index is None or index in self.masks or not isinstance(val, torch.Tensor) or \
+                not val.dtype.is_floating_point:
+            return False
+        self.wants_mask_fill.add(index)
+        return True
 
     def require_positive(self, node: torch.fx.Node) -> None:
         """Records that placeholder ``node`` (a 0-dim tensor) must be positive at run time."""
@@ -227,8 +246,12 @@ class _Analysis:
             size = val.shape[d]
             if isinstance(size, torch.SymInt):
                 self.source_symbols.update(size.node.expr.free_symbols)
-        zero_fills = tuple((d, 0) for d, s in enumerate(state) if s is not None)
-        self.states[node] = _Tensor(tuple(state), ZERO, fills=zero_fills)
+        if index in self.masks:  # an additive mask: its pad holds -inf, the masking value
+            self.states[node] = _Tensor(tuple(state), ANY, fills=tuple(
+                (d, NEG_INF) for d, s in enumerate(state) if s is not None))
+        else:
+            zero_fills = tuple((d, 0) for d, s in enumerate(state) if s is not None)
+            self.states[node] = _Tensor(tuple(state), ZERO, fills=zero_fills)
         self.aliases[node] = frozenset({index})
 
     def _sym_placeholders(self) -> None:
@@ -471,6 +494,8 @@ def _merged_ok() -> frozenset[str]:
 
 
 _MERGED_OK = _merged_ok()
+_MASK_PATH = frozenset({"view", "_unsafe_view", "reshape", "unsqueeze", "expand", "_to_copy",
+                        "slice", "alias", "clone", "contiguous", "permute", "transpose"})
 _ALONG_DIM = frozenset({
     "topk", "sort", "argsort", "msort", "kthvalue", "median", "nanmedian", "mode", "cumsum",
     "cumprod", "logcumsumexp", "cummax", "cummin", "argmax", "argmin", "max", "min",
@@ -534,123 +559,3 @@ def _op_name(node: torch.fx.Node) -> str:
     if isinstance(t, torch._ops.OpOverload):
         return op_name(t)
     return getattr(t, "__name__", str(t))
-
-
-# ------------------------------------------------------------------------------------------------
-# The driver
-# ------------------------------------------------------------------------------------------------
-
-
-def analyze_padding(gm: torch.fx.GraphModule, pad_dims: Mapping[int, int | Sequence[int]], *,
-                    allow_zero_pad: bool = True) -> PaddingPlan:
-    """Decides, for each proposed ``(placeholder index, dim)``, whether it can be padded.
-
-    ``allow_zero_pad=False``: the runtime cannot guarantee zero pad contents, so ops that are only
-    exact with zero padding (sum or contraction over the padded dim, lookups with padded indices)
-    are unsafe too; every safe verdict then holds for arbitrary pad contents.
-
-    Sources implicated in an unsafe node are dropped and the rest re-analysed, so the sources the
-    plan marks safe are safe *together*; outputs, ties and size inputs refer to that final set.
-    """
-    proposed = _proposal(pad_dims)
-    rejected, live = _reject_missing_inputs(gm, proposed)
-    while True:
-        analysis = _Analysis(gm, live, allow_zero_pad)
-        analysis.run()
-        if not analysis.failures:
-            break
-        dropped = _drop_failed(analysis, live, rejected)
-        log.debug("padding: %s unsafe, analysing again without them", sorted(dropped))
-        live = [s for s in live if s not in dropped]
-    pad_value = 0.0 if analysis.zero_required and live else None
-    verdicts = tuple(
-        InputVerdict(s, False, None, tuple(dict.fromkeys(rejected[s]))) if s in rejected
-        else InputVerdict(s, True, pad_value)
-        for s in proposed
-    )
-    return PaddingPlan(
-        inputs=verdicts,
-        outputs=tuple(analysis.outputs) if live else (),
-        size_inputs=tuple(analysis.size_inputs) if live else (),
-        ties=tuple(analysis.ties) if live else (),
-        equal_sizes=tuple(analysis.equal_sizes) if live else (),
-        positive_inputs=tuple(analysis.positive_inputs) if live else (),
-        checks=tuple(analysis.checks) if live else (),
-    )
-
-
-def _proposal(pad_dims: Mapping[int, int | Sequence[int]]) -> list[PadSource]:
-    proposed: list[PadSource] = []
-    for idx, dims in sorted(pad_dims.items()):
-        for d in ([dims] if isinstance(dims, int) else list(dims)):
-            proposed.append(PadSource(int(idx), int(d)))
-    return proposed
-
-
-def _reject_missing_inputs(gm: torch.fx.GraphModule, proposed: list[PadSource],
-                           ) -> tuple[dict[PadSource, list[UnsafeReason]], list[PadSource]]:
-    """Sources naming no placeholder are rejected up front; the rest are live."""
-    n_inputs = len(placeholders(gm))
-    rejected: dict[PadSource, list[UnsafeReason]] = {}
-    live = []
-    for s in proposed:
-        if not 0 <= s.input < n_inputs:
-            rejected[s] = [UnsafeReason("<input>", "placeholder",
-                                        f"no placeholder {s.input} (graph has {n_inputs})",
-                                        None, (s,))]
-        else:
-            live.append(s)
-    return rejected, live
-
-
-def _drop_failed(analysis: _Analysis, live: list[PadSource],
-                 rejected: dict[PadSource, list[UnsafeReason]]) -> set[PadSource]:
-    """Records each failure against the live sources it implicates; returns those sources."""
-    dropped: set[PadSource] = set()
-    for reason, sources in analysis.failures:
-        for s in sources or live:
-            if s in live:
-                rejected.setdefault(s, []).append(reason)
-                dropped.add(s)
-    if not dropped:  # defensive: a failure naming no live source cannot loop forever
-        for s in live:
-            rejected.setdefault(s, []).extend(r for r, _ in analysis.failures)
-        dropped = set(live)
-    return dropped
-
-
-def default_pad_dims(gm: torch.fx.GraphModule, first_only: bool = False,
-                     ) -> dict[int, list[int]]:
-    """Every symbolic dim of every non-parameter tensor input (``first_only``: dim 0 alone)."""
-    proposal: dict[int, list[int]] = {}
-    for index, node in enumerate(placeholders(gm)):
-        val = node_value(node)
-        if not isinstance(val, torch.Tensor) or isinstance(val, torch.nn.Parameter):
-            continue
-        dims = [d for d, n in enumerate(val.shape[:1] if first_only else val.shape)
-                if isinstance(n, torch.SymInt) and not isinstance(n.node.expr, sympy.Integer)]
-        if dims:
-            proposal[index] = dims
-    return proposal
-
-
-def plan_padding(gm: torch.fx.GraphModule, allow_zero_pad: bool = True) -> PaddingPlan | None:
-    """The plan ``bucket_plan`` attaches: every varying dim proposed (batch, sequence, counts).
-
-    Dropping the sources an unsafe node implicates can drop a batch dim together with the
-    sequence dim that made the node unsafe; when proposing dim 0 alone pads more, that plan is
-    kept, with the other dims' verdicts from the full proposal so ``explain`` still says why
-    they run at exact sizes. ``None`` when no input has a varying dim.
-    """
-    proposal = default_pad_dims(gm)
-    if not proposal:
-        return None
-    full = analyze_padding(gm, proposal, allow_zero_pad=allow_zero_pad)
-    if all(v.safe for v in full.inputs if v.source.dim == 0):
-        return full
-    first = analyze_padding(gm, default_pad_dims(gm, first_only=True),
-                            allow_zero_pad=allow_zero_pad)
-    if len(first.padded) <= len(full.padded):
-        return full
-    extra = tuple(v for v in full.inputs if v.source.dim != 0)
-    return dataclasses.replace(first, inputs=first.inputs + extra)

@@ -720,3 +720,27 @@ def test_compiled_attention_with_a_padded_mask_pads_batch_and_sequence() -> None
     assert {"ids dim 0", "ids dim 1"} <= set(piece.padded), piece.padding
     buckets = {(1 << (b - 1).bit_length(), 1 << (s - 1).bit_length()) for b, s in shapes}
     assert len(piece.graphs) <= len(buckets) < len(shapes)
+
+
+def test_an_additive_mask_input_is_padded_with_minus_infinity() -> None:
+    """A float mask passed in (0 for a real key, -inf for a masked one), padded along the key
+    length: its pad must mask the pad keys, so the plan asks the runtime to fill it with -inf;
+    padded that way the real outputs equal the unpadded run's."""
+    gen = torch.Generator().manual_seed(31)
+    b, s = 2, 6
+    q, k, v = (rnd(b, 2, s, 4, gen=gen) for _ in range(3))
+    keep = key_padding_mask(b, s, gen)
+    mask = torch.where(keep, 0.0, NEG_INF).to(DTYPE)[:, None, None, :]
+
+    def f(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    dyn = {0: [2], 1: [2], 2: [2], 3: [3]}
+    gm = trace_dims(f, [q, k, v, mask], dyn)
+    plan = analyze_padding(gm, dyn)
+    assert plan.safe and plan.mask_inputs == (3,), why(plan)
+    padded = [torch.cat([t, rnd(*t.shape[:2], 3, t.shape[3], gen=gen)], 2) for t in (q, k, v)]
+    padded.append(torch.cat([mask, torch.full((b, 1, 1, 3), NEG_INF, dtype=DTYPE)], 3))
+    torch.testing.assert_close(gm(*padded)[:, :, :s], gm(q, k, v, mask))
+    zero_pad = torch.cat([mask, torch.zeros(b, 1, 1, 3, dtype=DTYPE)], 3)  # what zeros would do
+    assert not torch.allclose(gm(*padded[:3], zero_pad)[:, :, :s], gm(q, k, v, mask))

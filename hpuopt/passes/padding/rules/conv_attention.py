@@ -88,6 +88,9 @@ def _masks_pad_keys(op: _Op, name: str, q: _Tensor, k: _Tensor, v: _Tensor) -> b
     keys = {x for d in (key, k.dim(2), v.dim(2)) if d is not None for x in d.sources}
     if value is None or key is None or (value == 0) != (wanted is False) or \
             (wanted is not False and value != wanted):
+        if wanted is not False and value == 0 and op.an.want_mask_fill(op.raw(name)):
+            raise _Unsafe(f"attention {name} is an additive mask input: its pad must hold -inf",
+                          keys)
         raise _Unsafe(f"attention {name} is padded but does not mask every pad key", keys)
     kl, vl = k.dim(2), v.dim(2)
     if kl is None or vl is None or not (_same_dim(kl, key) and _same_dim(vl, key)):
