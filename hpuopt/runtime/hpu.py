@@ -219,5 +219,5 @@ def _end_failed_capture(graph: Any) -> None:
     ``capture_end`` whatever happened); the graph is dropped."""
     try:
         graph.capture_end()
-    except Exception:
+    except Exception:  # noqa: BLE001 - the capture's own error, re-raised by the caller, wins
         log.debug("capture_end after a failed capture raised", exc_info=True)

@@ -199,7 +199,6 @@ class ValueChecks:
         graph.eliminate_dead_code()
         self.module = torch.fx.GraphModule(gm, graph)
         self.reads = [i for i, n in enumerate(graph.find_nodes(op="placeholder")) if n.users]
-        self.placeholders = len(list(gm.graph.find_nodes(op="placeholder")))
         self.verdicts: dict[tuple[Any, ...], str] = {}
 
     def failure(self, args: Sequence[Any], buckets: dict[PadSource, int],
@@ -241,7 +240,7 @@ def _positive_host_value(value: Any) -> bool:
     """``value > 0`` for a number or a host (CPU) 0-dim tensor; a device tensor would need a
     synchronisation to read, so it does not count."""
     if isinstance(value, torch.Tensor):
-        return value.device.type == "cpu" and value.numel() == 1 and bool(value > 0)
+        return value.device.type == "cpu" and value.numel() == 1 and value.item() > 0
     return isinstance(value, (int, float)) and value > 0
 
 

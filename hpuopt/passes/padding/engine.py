@@ -31,7 +31,7 @@ import sympy
 import torch
 import torch.fx
 
-from hpuopt.fx_utils import MISSING, node_value, op_name, source_line
+from hpuopt.fx_utils import MISSING, node_value, op_name, packet_name, source_line
 from hpuopt.passes.padding import fills, index_facts
 from hpuopt.passes.padding.binding import _mutated_args, _Op, _Rule
 from hpuopt.passes.padding.domain import (
@@ -137,7 +137,7 @@ class _Analysis:
         (through views, expands and casts) from a floating input, ask for that input's pad to
         be filled with -inf on the next walk. Returns whether one was found."""
         while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.args \
-                and op_name(node.target).split(".")[1] in _MASK_PATH:
+                and packet_name(node) in _MASK_PATH:
             node = node.args[0]
         index = self.placeholder_index.get(node) if isinstance(node, torch.fx.Node) else None
         val = node_value(node) if index is not None else None

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from hpuopt.fx_utils import node_value
-from hpuopt.passes.padding.domain import _UNPADDED, FINITE, _same, _Tensor
+from hpuopt.fx_utils import node_value, packet_name
+from hpuopt.passes.padding.domain import _UNPADDED, FINITE, _Tensor
+from hpuopt.passes.padding.index_facts import dim_map
 
 NEG_INF = -math.inf
 
@@ -140,7 +141,7 @@ def _kept(packet: str, node: torch.fx.Node, first: tuple[Any, dict[int, Any]],
     if packet in ("clone", "alias", "detach", "contiguous", "lift_fresh_copy", "slice",
                   "expand"):
         return list(fills.items())  # same rank (expand: right-aligned by _operands)
-    mapping = _dim_map(packet, node, src, out)
+    mapping = dim_map(packet, node, src, out)
     if mapping is None:
         return []
     lead = out.dim() - src.dim()  # _operands shifted the dims right by this much
@@ -155,31 +156,6 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _dim_map(packet: str, node: torch.fx.Node, src: torch.Tensor, out: torch.Tensor
-             ) -> dict[int, int] | None:
-    """Input dim -> output dim for permutes and for reshapes that add or drop size-1 dims."""
-    if packet in ("permute", "transpose"):
-        rank = src.dim()
-        if packet == "permute":
-            order = [d % rank for d in node.args[1]]
-        else:
-            order = list(range(rank))
-            a, b = node.args[1] % rank, node.args[2] % rank
-            order[a], order[b] = order[b], order[a]
-        return {i: order.index(i) for i in range(rank)}
-    big_in = [i for i, n in enumerate(src.shape) if not _one(n)]
-    big_out = [j for j, n in enumerate(out.shape) if not _one(n)]
-    if len(big_in) != len(big_out):
-        return None
-    if not all(_same(src.shape[i], out.shape[j]) for i, j in zip(big_in, big_out)):
-        return None
-    return dict(zip(big_in, big_out))
-
-
-def _one(n: Any) -> bool:
-    return _same(n, 1)
-
-
 def _constant(x: Any) -> Any:
     """A Python number, or the value of a ``scalar_tensor``/``full`` node; else ``None``."""
     if isinstance(x, bool):
@@ -187,7 +163,7 @@ def _constant(x: Any) -> Any:
     if isinstance(x, (int, float)):
         return x
     if isinstance(x, torch.fx.Node) and x.op == "call_function" and x.args:
-        packet = getattr(getattr(x.target, "overloadpacket", None), "__name__", "")
+        packet = packet_name(x)
         value = x.args[0] if packet == "scalar_tensor" else (
             x.args[1] if packet == "full" and len(x.args) > 1 else None)
         if isinstance(value, (int, float, bool)):

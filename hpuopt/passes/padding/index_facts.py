@@ -87,11 +87,9 @@ def _kept(node: torch.fx.Node, first: torch.fx.Node, st: _Tensor) -> int | None:
         if dim % src.dim() != iota:
             return iota
         return iota if start in (None, 0) and step == 1 else None
-    if packet in ("permute", "transpose"):
-        order = _order(node, src.dim())
-        return order.index(iota) if order is not None else None
-    if packet in _RESHAPES:
-        return _reshaped(src.shape, out.shape, iota)
+    if packet in ("permute", "transpose") or packet in _RESHAPES:
+        mapping = dim_map(packet, node, src, out)
+        return mapping.get(iota) if mapping is not None else None
     return None
 
 
@@ -117,14 +115,16 @@ def _order(node: torch.fx.Node, rank: int) -> list[int] | None:
     return order
 
 
-def _reshaped(src: Any, out: Any, iota: int) -> int | None:
-    """The index dim after a reshape that only adds or drops size-1 dims around it."""
-    if any(not _same(n, 1) for i, n in enumerate(src) if i != iota):
+def dim_map(packet: str, node: torch.fx.Node, src: torch.Tensor, out: torch.Tensor
+            ) -> dict[int, int] | None:
+    """Input dim -> output dim of a permute, or of a reshape that only adds or drops size-1
+    dims (the others keep their order and extents); ``None`` for any other reshape."""
+    if packet in ("permute", "transpose"):
+        order = _order(node, src.dim())
+        return None if order is None else {i: order.index(i) for i in range(src.dim())}
+    big_in = [i for i, n in enumerate(src.shape) if not _same(n, 1)]
+    big_out = [j for j, n in enumerate(out.shape) if not _same(n, 1)]
+    if len(big_in) != len(big_out) or not all(
+            _same(src.shape[i], out.shape[j]) for i, j in zip(big_in, big_out)):
         return None
-    extent = src[iota]
-    big = [j for j, n in enumerate(out) if not _same(n, 1)]
-    if len(big) == 1 and _same(out[big[0]], extent):
-        return big[0]
-    if not big and _same(extent, 1):
-        return 0 if len(out) else None
-    return None
+    return dict(zip(big_in, big_out))

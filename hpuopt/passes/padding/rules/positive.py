@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from hpuopt.fx_utils import node_value
+from hpuopt.fx_utils import node_value, packet_name
 from hpuopt.passes.padding.binding import Row, _Op, _Rule
 from hpuopt.passes.padding.domain import ANY, FINITE, _Tensor
 from hpuopt.passes.padding.rules.pointwise import _pointwise
@@ -31,15 +31,9 @@ _NONNEG = frozenset({"abs", "relu", "square", "exp", "sigmoid", "softmax", "_sof
 _REDUCE = frozenset({"mean", "sum", "amax", "amin"})
 
 
-def _packet(node: Any) -> str:
-    target = getattr(node, "target", None)
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", getattr(target, "__name__", ""))
-
-
 def _through(node: Any) -> Any:
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
-            _packet(node) in _PASS and node.args:
+            packet_name(node) in _PASS and node.args:
         node = node.args[0]
     return node
 
@@ -56,7 +50,7 @@ def _nonneg(op: _Op, node: Any, depth: int = 0) -> bool:
     node = _through(node)
     if depth > 8 or not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
-    packet = _packet(node)
+    packet = packet_name(node)
     base = node.args[0] if node.args else None
     if packet in _NONNEG:
         return _not_nan(op, base)
@@ -82,7 +76,7 @@ def _positive_scalar(op: _Op, value: Any) -> bool:
         return node > 0 and math.isfinite(node)
     if not isinstance(node, torch.fx.Node):
         return False
-    if node.op == "call_function" and _packet(node) == "scalar_tensor" and node.args:
+    if node.op == "call_function" and packet_name(node) == "scalar_tensor" and node.args:
         return isinstance(node.args[0], (int, float)) and node.args[0] > 0
     val = node_value(node)
     if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() == 0 \
@@ -95,7 +89,7 @@ def _positive_scalar(op: _Op, value: Any) -> bool:
 def _positive(op: _Op, node: Any) -> bool:
     """``node`` is ``nonneg + positive`` (an RMS norm's ``mean(x ** 2) + eps``)."""
     node = _through(node)
-    if not isinstance(node, torch.fx.Node) or _packet(node) != "add" or len(node.args) < 2:
+    if not isinstance(node, torch.fx.Node) or packet_name(node) != "add" or len(node.args) < 2:
         return False
     a, b = node.args[0], node.args[1]
     if node.kwargs.get("alpha", 1) != 1:
