@@ -42,6 +42,7 @@ from hpuopt.runtime import select_runtime
 from hpuopt.runtime.base import eager_forward
 from hpuopt.runtime.compilers import PieceCompiler, select_piece_compiler
 from hpuopt.runtime.lending import lent_positions
+from hpuopt.runtime.direct import DirectRunner
 from hpuopt.runtime.runner import PieceRunner
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def _stand_in_runners(
     """Puts a :class:`PieceRunner` in place of every static piece of ``split_gm``; ``lent``
     are the positions of ``split_gm``'s outputs that may be lent (see :func:`_lent_positions`)."""
     placeholders = {n: i for i, n in enumerate(split_gm.graph.find_nodes(op="placeholder"))}
+    # a runtime without device graphs calls each key's compiled piece on the caller's tensors
+    runner_class = PieceRunner if getattr(runtime, "captures", True) else DirectRunner
     at_output = _output_positions(split_gm)
     for node in split_gm.graph.find_nodes(op="call_module"):
         info: PieceInfo = node.meta["hpuopt.piece"]
@@ -185,7 +188,7 @@ def _stand_in_runners(
             isinstance(a, torch.fx.Node) and placeholders.get(a, -1) in static_idx
             for a in node.args
         ]
-        runner = PieceRunner(
+        runner = runner_class(
             name=f"{name}.{node.target}",
             gm=split_gm.get_submodule(node.target),
             runtime=runtime,

@@ -22,7 +22,7 @@ ENV_PREFIX = "HPUOPT_"
 DIM_NAMES = {"batch": 0, "seq": 1}
 """Names ``dim_buckets`` accepts for input dims, beside positions."""
 
-RuntimeName = Literal["auto", "cpu", "cuda", "hpu"]
+RuntimeName = Literal["auto", "cpu", "cuda", "hpu", "direct"]
 
 PIECE_COMPILERS = ("auto", "eager", "inductor", "hpu_backend")
 """The compilers ``piece_compiler`` names; a callable is the fifth kind."""
@@ -47,7 +47,10 @@ class Config:
     Attributes:
         runtime: Which runtime captures the static pieces: ``"auto"`` picks it from the device of
             the graph's tensors (``cuda`` → CUDA Graphs, ``hpu`` → HPU Graphs, otherwise the CPU
-            runtime, which emulates device-graph semantics).
+            runtime, which emulates device-graph semantics). ``"direct"`` captures nothing on
+            any device: each static piece, compiled per key by ``piece_compiler`` (Inductor
+            under ``"auto"``), is called on the caller's tensors (:mod:`hpuopt.runtime.direct`);
+            the split, keys and padding stay. On the CPU it is the fast choice.
         capture: Capture static pieces at all. ``False`` runs every piece as is (useful to
             bisect a wrong result to capture versus splitting).
         max_graphs: Captured graphs kept per piece (least recently used are evicted).

@@ -158,6 +158,9 @@ class PieceReport:
     """The sizes this piece pads to buckets, in the user's terms (``x dim 0``)."""
     not_padded: tuple[PaddingBlocker, ...] = ()
     """Why the piece's other varying sizes are captured exactly, one per op that forbids it."""
+    direct: bool = False
+    """Called directly (``runtime="direct"``, Gaudi's compile mode): compiled per key and run on
+    the caller's tensors, no graph captured, nothing copied or cloned."""
 
     @property
     def has_uncaptured_keys(self) -> bool:
@@ -339,6 +342,7 @@ def _piece_report(p: PieceRecord, plan: Any, names: SizeNames) -> PieceReport:
         calls=r.hits + r.misses,
         padded=padded,
         not_padded=blockers,
+        direct=getattr(r, "direct", False),
     )
     if report.has_uncaptured_keys:
         report = dataclasses.replace(report, uncaptured_runs=max(0, report.calls - report.replays))
@@ -402,14 +406,22 @@ def _render_graph(g: GraphReport) -> list[str]:
 
 
 def _render_captured(p: PieceReport) -> list[str]:
-    lines = [
-        f"    [graph] {p.name}: {wording.plural(p.num_nodes, 'op')}; "
-        f"{wording.describe_keys(p.graphs)}; "
-        f"replays {p.replays}, hits {p.hits}, misses {p.misses}, evictions {p.evictions}, "
-        f"{wording.nbytes(p.held_bytes)}",
-        f"        inputs: {p.inputs_in_place} read in place, {p.inputs_copied} copied per call",
-        _render_outputs(p),
-    ]
+    if p.direct:  # compiled per key, called on the caller's tensors: no buffers to describe
+        lines = [
+            (f"    [compiled] {p.name}: {wording.plural(p.num_nodes, 'op')}; "
+             f"{wording.describe_keys(p.graphs).replace('graph', 'compiled key')}; "
+             f"calls {p.replays}, hits {p.hits}, misses {p.misses}, evictions {p.evictions}"),
+            "        inputs and outputs: the caller's tensors, nothing copied or cloned",
+        ]
+    else:
+        lines = [
+            (f"    [graph] {p.name}: {wording.plural(p.num_nodes, 'op')}; "
+             f"{wording.describe_keys(p.graphs)}; "
+             f"replays {p.replays}, hits {p.hits}, misses {p.misses}, evictions {p.evictions}, "
+             f"{wording.nbytes(p.held_bytes)}"),
+            f"        inputs: {p.inputs_in_place} read in place, {p.inputs_copied} copied per call",
+            _render_outputs(p),
+        ]
     if p.padded:
         policy = p.padding.split(" to ", 1)[1] if " to " in p.padding else "buckets"
         lines.append(f"        pads {', '.join(p.padded)} to {policy}")

@@ -35,6 +35,10 @@ def select_runtime(config: Config, inputs: Sequence[Any]) -> Runtime:
         from hpuopt.runtime.cuda import CudaRuntime
 
         return CudaRuntime.shared()
+    if name == "direct":
+        from hpuopt.runtime.direct import DirectRuntime
+
+        return DirectRuntime()
     if name == "hpu":
         from hpuopt.runtime.hpu import HpuRuntime
 

@@ -10,7 +10,8 @@ imported, and this runtime follows it (``Config.hpu_mode``, read when the config
     them as lazy-mode only ("Running HPU Graphs is supported with Lazy mode. Eager mode is
     currently not supported", docs.habana.ai, *HPU Graphs for Training*). Each static piece is
     compiled by ``hpu_backend`` per key (an exact shape, or a bucket: on Gaudi every new shape
-    is a graph compilation, which bucketing bounds) and called; dynamic pieces run op by op; no
+    is a graph compilation, which bucketing bounds) and called on the caller's tensors, with no
+    static buffers (:mod:`hpuopt.runtime.direct`); dynamic pieces run op by op; no
     ``mark_step`` (a no-op outside lazy mode: ``habana_frameworks/torch/core/step_closure.py``,
     ``mark_step`` is ``@lazy_only``).
 
@@ -99,6 +100,9 @@ class HpuRuntime:
         # graphs.py, wrapped_hpugraph_forward: "Enable dry run if tensor cache is disabled"
         self.dry_run = dry_run or disable_tensor_cache
         self.default_piece_compiler = "hpu_backend" if self.mode == "compile" else "eager"
+        # compile mode has no device graph: each piece's compiled callable is called on the
+        # caller's tensors (hpuopt.runtime.direct), with no static buffers to copy into
+        self.captures = self.mode == "lazy"
         self._held = 0
 
     @classmethod
@@ -131,30 +135,9 @@ class HpuRuntime:
             fn(*warm)
             if self.mode == "lazy":
                 self.core.mark_step()  # run the warm-up now, outside the graph
-        if self.mode == "compile":
-            return self._compiled(fn, static_inputs, warm)
+        if self.mode == "compile":  # pragma: no cover - compile mode runs pieces directly
+            raise CaptureError("the bridge's compile mode has no HPU Graphs (runtime.direct)")
         return self._hpu_graph(fn, static_inputs)
-
-    def _compiled(self, fn: Callable[..., Sequence[Any]], static_inputs: list[Any],
-                  warm: list[Any]) -> CapturedGraph:
-        """Compile mode: no device graph. The piece (compiled by ``hpu_backend``) is called on
-        the static buffers each replay; its outputs are fresh tensors every call, which the
-        replay puts in the graph's output list."""
-        try:
-            probe = list(fn(*warm))
-        except Exception as exc:
-            raise CaptureError(f"{type(exc).__name__}: {exc}") from exc
-        outputs = list(probe)
-
-        def replay() -> None:
-            outputs[:] = fn(*static_inputs)
-
-        return CapturedGraph(
-            static_inputs=static_inputs,
-            static_outputs=outputs,
-            replay=replay,
-            aliases=find_output_aliases(probe, warm),
-        )
 
     def _hpu_graph(self, fn: Callable[..., Sequence[Any]],
                    static_inputs: list[Any]) -> CapturedGraph:

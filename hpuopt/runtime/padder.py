@@ -116,7 +116,7 @@ class Padder:
             elif buf.is_floating_point():
                 buf.fill_(float("nan"))
             static[i] = buf
-            self._real(buf, i, sizes).copy_(arg)
+            self.real_part(buf, i, sizes).copy_(arg)
         for i, src in self.size_inputs.items():
             static[i] = sizes[src][1]
 
@@ -137,7 +137,7 @@ class Padder:
                     buf.fill_(float("-inf"))
                 elif self.zero:
                     buf.zero_()
-                self._real(buf, i, sizes).copy_(args[i], non_blocking=True)
+                self.real_part(buf, i, sizes).copy_(args[i], non_blocking=True)
             else:
                 copy_into(inputs[i], args[i], non_blocking=True)
 
@@ -167,7 +167,9 @@ class Padder:
                 f"{n} call{'s' if n > 1 else ''} ({why})" for why, n in self.exact_calls.items())
         return text
 
-    def _real(self, buf: torch.Tensor, i: int, sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
+    def real_part(self, buf: torch.Tensor, i: int,
+                  sizes: dict[PadSource, tuple[int, int]]) -> torch.Tensor:
+        """The real (unpadded) part of input ``i``'s bucket-shaped ``buf``, as a view."""
         view = buf
         for src in self.dims[i]:
             view = view.narrow(src.dim, 0, sizes[src][0])
