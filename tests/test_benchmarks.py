@@ -229,6 +229,8 @@ def _check_piece_compilers(result: dict, scenarios: list[str]) -> None:
                    or n.endswith("per-bucket"))
         assert ind["status"] == "ok" and ind["info"]["piece_compiles"] >= 1
         assert ind["info"]["first_call_s"] > 0
+        direct = next(r for n, r in by_name.items() if n.endswith("inductor direct"))
+        assert direct["status"] == "ok" and direct["info"]["piece_compiles"] >= 1
         assert {g["verdict"] for g in sec["goals"]} <= {"met", "NOT met", "not measured"}
         for row in sec["rows"]:
             if "max_abs_diff" in row["info"]:
