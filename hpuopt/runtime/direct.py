@@ -100,10 +100,16 @@ class DirectRunner(PieceRunner):
         if isinstance(entry, Uncaptured):
             return self._run_uncaptured(args)
         assert isinstance(entry, DirectEntry)
-        if isinstance(keys, BucketKeys):
-            outs = self._padded_call(entry, args, keys)
-        else:
-            outs = entry.fn(*args)
+        try:
+            if isinstance(keys, BucketKeys):
+                outs = self._padded_call(entry, args, keys)
+            else:
+                outs = entry.fn(*args)
+        except Exception as exc:
+            if self.roles.mutated:  # it may have written the caller's tensors: no second run
+                raise
+            # like a replay that raises: this key runs the ATen ops from now on (strict raises)
+            return self._replay_failed(key, args, exc)
         self.replays += 1
         counters.replays += 1
         return outs[0] if self.single_output else tuple(outs)

@@ -157,3 +157,38 @@ def test_inductor_pieces_match_eager():
     runners = _runners()
     assert {r.compiler for r in runners} == {"inductor"}
     assert sum(r.compiles for r in runners) >= 2
+
+
+class FailsOnSecondCall:
+    """A compiler whose callables raise from their second call on."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        calls = []
+
+        def run(*args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("compiled code refused these inputs")
+            return gm.forward(*args)
+        return run
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_call_that_raises_runs_the_aten_ops_or_raises_under_strict(strict):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    compiled = torch.compile(model, backend="hpugraph",
+                             options={"runtime": "direct", "strict": strict,
+                                      "piece_compiler": FailsOnSecondCall()})
+    with torch.no_grad():
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(compiled(x), model(x))
+        y = torch.randn(3, 4)
+        if strict:
+            with pytest.raises(hpuopt.FallbackError, match="refused these inputs"):
+                compiled(y)
+            return
+        with pytest.warns(UserWarning, match="refused these inputs"):
+            torch.testing.assert_close(compiled(y), model(y))
+        torch.testing.assert_close(compiled(x), model(x))
+    (runner,) = _runners()
+    assert any("refused these inputs" in r for r in runner.fallback_reasons.values())
