@@ -20,20 +20,30 @@ import hpuopt
 SLOW_WITH_INDUCTOR = {"test_mnist_training_with_smaller_last_batch"}
 
 
-@pytest.fixture(autouse=True, params=["eager", "inductor"], ids=["eager-pieces", "inductor-pieces"])
+@pytest.fixture(autouse=True, params=["eager", "inductor", "direct"],
+                ids=["eager-pieces", "inductor-pieces", "direct-runtime"])
 def piece_compiler(request, monkeypatch):
-    """Every scenario with the pieces captured as their ATen ops, and compiled by Inductor
-    first (``piece_compiler="inductor"``, given as its variable so the scenarios stay as a user
-    writes them). Inductor compiles cost seconds: by default the Inductor runs are those where
-    hpuopt splits the dynamic ops itself (the flags on), but for SLOW_WITH_INDUCTOR; all of them
-    with RUN_SLOW_TESTS=1."""
+    """Every scenario with the pieces captured as their ATen ops, compiled by Inductor first
+    (``piece_compiler="inductor"``), and called directly without capture (``runtime="direct"``,
+    ATen pieces: the direct runner's semantics without compile time); given as variables so the
+    scenarios stay as a user writes them. Inductor compiles cost seconds: by default the
+    Inductor runs are those where hpuopt splits the dynamic ops itself (the flags on), but for
+    SLOW_WITH_INDUCTOR; all of them with RUN_SLOW_TESTS=1."""
     params = getattr(request.node, "callspec", None)
     flags = params.params.get("both_flag_settings", True) if params is not None else True
     slow = not flags or request.node.originalname in SLOW_WITH_INDUCTOR
     if request.param == "inductor" and slow and os.environ.get("RUN_SLOW_TESTS") != "1":
         pytest.skip("slow with Inductor pieces (RUN_SLOW_TESTS=1)")
-    monkeypatch.setenv("HPUOPT_PIECE_COMPILER", request.param)
+    if request.param == "direct":
+        monkeypatch.setenv("HPUOPT_RUNTIME", "direct")
+        monkeypatch.setenv("HPUOPT_PIECE_COMPILER", "eager")
+    else:
+        monkeypatch.setenv("HPUOPT_PIECE_COMPILER", request.param)
     yield request.param
+    if request.param == "direct":  # nothing captured, nothing copied, pieces still ran
+        c = hpuopt.counters
+        assert c.graphs_captured == c.static_copies == c.output_clones == 0
+        assert c.replays > 0 or c.pieces_static == 0
     if request.param == "inductor":  # the scenarios did go through Inductor
         assert hpuopt.counters.piece_compiles + hpuopt.counters.compile_fallbacks > 0 or \
             hpuopt.counters.pieces_static == 0
