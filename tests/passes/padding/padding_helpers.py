@@ -46,7 +46,13 @@ def pad_input(x: torch.Tensor, dim: int, size: int, zeros: bool,
     if zeros:
         fill = torch.zeros(extra, dtype=x.dtype)
     elif x.is_floating_point():
+        # any contents, as the runtime's are: large values, and NaN and infinities (the
+        # runtime fills a float pad it need not zero with NaN)
         fill = torch.randn(extra, generator=gen, dtype=x.dtype) * 3
+        pick = torch.rand(extra, generator=gen)
+        fill[pick < 0.3] = float("nan")
+        fill[(pick >= 0.3) & (pick < 0.4)] = float("inf")
+        fill[(pick >= 0.4) & (pick < 0.5)] = float("-inf")
     else:
         fill = torch.randint(-(10**6), 10**6, extra, generator=gen, dtype=x.dtype)
     return torch.cat([x, fill], dim)

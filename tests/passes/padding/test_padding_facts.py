@@ -87,8 +87,12 @@ def pad_along(x: torch.Tensor, dim: int, size: int, zeros: bool,
         fill = torch.zeros(extra, dtype=x.dtype)
     elif x.dtype == torch.bool:
         fill = torch.randint(0, 2, extra, generator=gen).bool()
-    elif x.is_floating_point():
+    elif x.is_floating_point():  # any contents: NaN and infinities too, as the runtime's
         fill = torch.randn(extra, generator=gen, dtype=x.dtype) * 3
+        pick = torch.rand(extra, generator=gen)
+        fill[pick < 0.3] = float("nan")
+        fill[(pick >= 0.3) & (pick < 0.4)] = float("inf")
+        fill[(pick >= 0.4) & (pick < 0.5)] = float("-inf")
     else:
         fill = torch.randint(-(10**6), 10**6, extra, generator=gen, dtype=x.dtype)
     return torch.cat([x, fill], dim)

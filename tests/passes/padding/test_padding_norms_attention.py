@@ -36,8 +36,13 @@ def test_causal_attention_padded_on_sequence_is_safe() -> None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     gm = trace(lambda q, k, v: attn(q, k, v, True), q, k, v)
-    plan = analyze_padding(gm, {0: 2, 1: 2, 2: 2}, allow_zero_pad=False)
+    plan = analyze_padding(gm, {0: 2, 1: 2, 2: 2})
     assert plan.safe, [str(r) for r in plan.reasons]
+    # pad keys get weight 0, but the kernel multiplies it by the pad values: they must be
+    # finite, so the pad is zeros
+    assert plan.required_pad_value == 0.0
     check_padded_run(gm, plan, [q, k, v], 8)
+    refused = analyze_padding(gm, {0: 2, 1: 2, 2: 2}, allow_zero_pad=False)
+    assert not refused.safe and "causal attention" in str(refused.reasons[0])
     gm = trace(lambda q, k, v: attn(q, k, v, False), q, k, v)
     assert not analyze_padding(gm, {0: 2, 1: 2, 2: 2}).safe

@@ -127,6 +127,18 @@ def _check_mask_lead_dims(op: _Op, name: str, mask: _Tensor, rank: int, q: _Tens
             op.an.tie_dims(own, ref)
 
 
+def _causal_pad_keys_finite(op: _Op, k: _Tensor, v: _Tensor, keys: set[Any]) -> None:
+    """Causal self-attention padded on both lengths gives every pad key weight exactly 0 in a
+    real query's row, but the kernels still multiply that weight by the pad values (a fused
+    kernel's ``P @ V`` over the whole block): 0 x NaN is NaN. So the keys and values must be
+    finite in the pad, which holds only when the runtime pads with zeros."""
+    for t, what in ((k, "keys"), (v, "values")):
+        if t.padded and t.pad > FINITE:
+            raise _Unsafe(f"causal attention over a padded key length needs {what} that are "
+                          "provably finite in the pad (0 x NaN is NaN)", keys)
+    op.an.require_zero("causal attention multiplies the pad keys' zero weights by their values")
+
+
 def _attention(op: _Op) -> Any:
     q, k, v = op.tensor("query"), op.tensor("key"), op.tensor("value")
     masked = False
@@ -159,6 +171,8 @@ def _attention(op: _Op) -> Any:
         op.an.tie_dims(kl, vl)
         if causal and ql is not None:
             op.an.tie_dims(kl, ql)
+        if not masked:
+            _causal_pad_keys_finite(op, k, v, {x for d in (kl, vl) for x in d.sources})
     lead = []
     for d in (0, 1):
         ds = [t.dim(d) for t in (q, k, v)]
