@@ -192,3 +192,16 @@ def test_a_call_that_raises_runs_the_aten_ops_or_raises_under_strict(strict):
         torch.testing.assert_close(compiled(x), model(x))
     (runner,) = _runners()
     assert any("refused these inputs" in r for r in runner.fallback_reasons.values())
+
+
+@pytest.mark.cuda
+def test_cuda_pieces_called_directly_match_eager():
+    """On a GPU: Inductor pieces called directly, around a boolean mask, with a padded batch."""
+    model = Masked().cuda().eval()
+    compiled = torch.compile(model, backend="hpugraph", dynamic=True,
+                             options={"runtime": "direct"})
+    with torch.no_grad():
+        for batch in (10, 12, 9, 16):
+            x = torch.randn(batch, 8, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
+    assert hpuopt.counters.graphs_captured == hpuopt.counters.static_copies == 0
