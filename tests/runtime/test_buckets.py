@@ -240,3 +240,24 @@ def test_an_additive_mask_passed_in_is_padded_with_its_masking_value():
         mask = torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
         torch.testing.assert_close(compiled(q, k, v, mask), attend(q, k, v, mask))
     assert any("input 3 dim 3" in p.padding for p in compiled.explain().pieces if p.captured)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_non_contiguous_inputs_pad_too(layout):
+    """A padded input's layout does not matter: its real part is copied into a dense bucket."""
+    model = _mlp()
+    compiled = torch.compile(model, backend="hpugraph", dynamic=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for batch in [3, 5, 7, 6, 3]:
+            if layout == "transposed":
+                x = torch.randn(8, batch, generator=gen).t()
+            elif layout == "sliced":
+                x = torch.randn(batch, 16, generator=gen)[:, ::2]
+            else:
+                x = torch.randn(1, 8, generator=gen).expand(batch, 8)
+            assert not x.is_contiguous()
+            torch.testing.assert_close(compiled(x), model(x))
+    pieces = [p for p in hpuopt.explain().pieces if p.captured and p.graphs]
+    assert pieces and all("pads" in p.padding and "ran exact" not in p.padding for p in pieces)
+    assert max(len(p.graphs) for p in pieces) <= 2  # buckets 4 and 8
