@@ -427,9 +427,10 @@ class _Analysis:
         val = node_value(node)
         pairs = zip(val, result) if isinstance(val, (list, tuple)) and isinstance(result, tuple) \
             else [(val, result)]
-        for v, st in pairs:
-            if not isinstance(v, torch.Tensor) or not isinstance(st, _Tensor):
-                continue
+        for k, (v, st) in enumerate(pairs):
+            if not isinstance(v, torch.Tensor) or not isinstance(st, _Tensor) or \
+                    isinstance(result, tuple) and not _item_read(node, k):
+                continue  # a result nothing reads carries nothing
             for i, size in enumerate(v.shape):
                 if st.dim(i) is None and isinstance(size, torch.SymInt) and \
                         size.node.expr.free_symbols & self.source_symbols:
@@ -547,6 +548,12 @@ def _tagged_rule(target: Any) -> _Rule:
     if torch.Tag.pointwise in target.tags:
         return _Rule(_pointwise())
     raise _Unsafe("unknown op: no padding rule (conservatively unsafe)")
+
+
+def _item_read(node: torch.fx.Node, k: int) -> bool:
+    """Whether result ``k`` of a multi-result node reaches any op (through ``getitem``)."""
+    return any(u.target is not operator.getitem or (u.args[1] == k and len(u.users) > 0)
+               for u in node.users)
 
 
 def _is_sym(node: torch.fx.Node) -> bool:

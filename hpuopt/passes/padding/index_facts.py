@@ -1,7 +1,8 @@
 """Index facts: which tensors hold their own positions (``arange`` and what keeps its values).
 
 An index built by ``arange`` and carried through views, expands, ``+ 0`` and integer casts
-holds, at every position, the position along one dim (``_Tensor.iota``). Indexing a tensor with
+holds, at every position, the position along one dim (``_Tensor.iota``); so does a shifted
+``arange(k, S + k)`` once the shift is taken off again (``- k``). Indexing a tensor with
 such indices along each indexed dim is a position-preserving gather: result position ``p``
 reads the source at ``p``, so a padded source dim becomes a padded result dim with the same pad
 contents. That is how transformers builds its masks (``padding_mask[batch_idx, kv_idx]`` with
@@ -19,7 +20,7 @@ import torch
 import torch.fx
 
 from hpuopt.fx_utils import node_value
-from hpuopt.passes.padding.domain import _UNPADDED, _same, _Tensor
+from hpuopt.passes.padding.domain import _UNPADDED, _same, _Sym, _Tensor
 
 aten = torch.ops.aten
 
@@ -38,6 +39,8 @@ def carries(node: torch.fx.Node, states: dict[torch.fx.Node, Any]) -> bool:
         return False
     if packet == "arange":
         return True
+    if packet in ("add", "sub") and _cancelled_start(node) is not None:
+        return True
     first = node.args[0] if node.args else None
     st = states.get(first) if isinstance(first, torch.fx.Node) else None
     return isinstance(st, _Tensor) and st.iota is not None
@@ -49,6 +52,8 @@ def propagate(node: torch.fx.Node, states: dict[torch.fx.Node, Any], result: Any
         return result
     if node.target.overloadpacket.__name__ == "arange":  # type: ignore[union-attr]
         return result if result.iota is not None else result.with_iota(_arange_iota(node))
+    if _cancelled_start(node) is not None:  # arange(k, S + k) - k
+        return result if result.iota == 0 else result.with_iota(0)
     first = node.args[0] if node.args else None
     st = states.get(first, _UNPADDED) if isinstance(first, torch.fx.Node) else _UNPADDED
     iota = _kept(node, first, st) if isinstance(st, _Tensor) and st.iota is not None else None
@@ -63,6 +68,61 @@ def _arange_iota(node: torch.fx.Node) -> int | None:
     start = args[0]
     step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
     return 0 if start == 0 and step == 1 else None
+
+
+def _start_of(node: Any) -> Any:
+    """The start of a 1-D ``arange(start, end)`` with step 1 (``None`` for anything else)."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and
+            node.target in (aten.arange.start, aten.arange.start_step)):
+        return None
+    step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+    return node.args[0] if step == 1 else None
+
+
+def _cancelled_start(node: torch.fx.Node) -> Any:
+    """``k`` when ``node`` is ``arange(k, end) - k`` or ``arange(k, end) + (-k)`` (a literal
+    ``k``, or the same size node for ``sub``): its values are the positions, as ``arange``'s."""
+    if node.target not in (aten.add.Tensor, aten.sub.Tensor) or len(node.args) < 2 or \
+            node.kwargs.get("alpha", 1) != 1:
+        return None
+    start, other = _start_of(node.args[0]), node.args[1]
+    if start is None or isinstance(start, bool) or isinstance(other, bool):
+        return None
+    sign = 1 if node.target is aten.sub.Tensor else -1
+    if isinstance(start, int) and isinstance(other, int) and start == sign * other:
+        return start
+    if sign == 1 and isinstance(start, torch.fx.Node) and start is other:
+        return start
+    return None
+
+
+def shifted_length(op: Any) -> Any:
+    """The padded dim ``arange(k, end)`` runs along when ``end - k`` is exactly a padded extent
+    (``arange(1, S + 1)``, ``arange(k, S + k)``) and ``k`` does not depend on the padding: the
+    values are ``position + k`` in both runs, so the real region is the real run's. ``None``
+    otherwise."""
+    start, end = op.raw("start"), op.raw("end")
+    start_state = op.an.state_of(start)
+    if isinstance(start_state, _Sym) and start_state.deps or \
+            not isinstance(end, torch.fx.Node) or isinstance(start, bool):
+        return None
+    k = start if isinstance(start, int) else node_value(start) if \
+        isinstance(start, torch.fx.Node) else None
+    if k is None:
+        return None
+    stack, seen = [end], set()
+    while stack:  # the sizes the end is computed from (Python arithmetic on sizes)
+        arg = stack.pop()
+        if arg in seen:
+            continue
+        seen.add(arg)
+        st = op.an.state_of(arg)
+        if isinstance(st, _Sym) and st.exact is not None:
+            if _same(node_value(end) - k, node_value(arg)):
+                return st.exact
+        elif not isinstance(arg.target, torch._ops.OpOverload):
+            stack.extend(arg.all_input_nodes)
+    return None
 
 
 def _kept(node: torch.fx.Node, first: torch.fx.Node, st: _Tensor) -> int | None:

@@ -16,6 +16,7 @@ import torch
 
 from hpuopt.passes.padding.binding import Row, _Rule
 from hpuopt.passes.padding.rules import (
+    alignment,
     contractions,
     conv_attention,
     factories,
@@ -31,7 +32,7 @@ aten = torch.ops.aten
 
 FAMILIES: tuple[ModuleType, ...] = (
     pointwise, positive, views, indexing, contractions, reductions, norms, conv_attention,
-    factories,
+    factories, alignment,
 )
 """The family modules, each with its ``ROWS`` and optionally ``OVERLOADS``."""
 

@@ -8,9 +8,11 @@ for causal self-attention padded on both lengths. Rules 14 and 15 of ``docs/padd
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
+import torch.fx
 
 from hpuopt.fx_utils import node_value
 from hpuopt.passes.padding import fills
@@ -190,15 +192,36 @@ def _attention(op: _Op) -> Any:
     val = node_value(op.node)
     if not isinstance(val, (list, tuple)):
         return out0
-    results: list[_Tensor] = [out0]
+    return (out0,) + tuple(_per_query_output(op, k, item, lead, q)
+                           for k, item in enumerate(val) if k)
+
+
+def _per_query_output(op: _Op, k: int, item: Any, lead: list[Any], q: _Tensor) -> _Tensor:
+    """Result ``k`` past the first: a per-query statistic such as the logsumexp ``[B, H, L]``
+    carries the batch, head and query dims of the query; anything else is unpadded. The
+    memory-efficient kernel rounds the logsumexp's query dim up to a multiple of 32 (and makes
+    it 0 when it is not needed): a rounded extent keeps every real query at its position, but
+    it is a function of the padded length, so no slice cuts it back. Unread, it is harmless;
+    read, it is unsafe for the query length."""
     q_shape = op.shape("query")
-    for item in val[1:]:
-        if isinstance(item, torch.Tensor) and item.dim() >= 3 and \
-                all(_same(item.shape[i], q_shape[i]) for i in range(3)):
-            results.append(_Tensor((lead[0], lead[1], q.dim(2)) + (None,) * (item.dim() - 3), ANY))
-        else:
-            results.append(_UNPADDED)
-    return tuple(results)
+    if not isinstance(item, torch.Tensor) or item.dim() < 3 or \
+            not all(_same(item.shape[i], q_shape[i]) for i in range(2)):
+        return _UNPADDED
+    rest = (None,) * (item.dim() - 3)
+    if _same(item.shape[2], q_shape[2]):
+        return _Tensor((lead[0], lead[1], q.dim(2)) + rest, ANY)
+    ql = q.dim(2)
+    if ql is not None and not isinstance(item.shape[2], int) and _is_read(op.node, k):
+        raise _Unsafe(f"attention result {k} has a query dim of extent {item.shape[2]}, rounded "
+                      "up from the padded query length: it cannot be cut back to the real one",
+                      set(ql.sources))
+    return _Tensor((lead[0], lead[1], None) + rest, ANY)
+
+
+def _is_read(node: torch.fx.Node, k: int) -> bool:
+    """Whether result ``k`` of a multi-result node reaches any op (through ``getitem``)."""
+    return any(u.target is operator.getitem and u.args[1] == k and len(u.users) > 0
+               for u in node.users)
 
 
 ROWS: tuple[Row, ...] = (

@@ -12,6 +12,7 @@ from typing import Any
 
 from hpuopt.passes.padding.binding import _SHAPE, Row, RuleFn, _Op, _Rule
 from hpuopt.passes.padding.domain import ANY, FINITE, ZERO, _literal_pad, _Sym, _Tensor, _Unsafe
+from hpuopt.passes.padding.index_facts import shifted_length
 from hpuopt.passes.padding.rules.shapes import _size_arg_dim
 
 
@@ -48,6 +49,9 @@ def _arange(op: _Op) -> _Tensor:
     if isinstance(end_state, _Sym) and end_state.deps:
         if iota == 0 and end_state.exact is not None:
             return _Tensor((end_state.exact,), FINITE, iota=0)
+        length = shifted_length(op) if step in (None, 1) else None
+        if length is not None:  # arange(k, S + k): positions + k, extent S (see index_facts)
+            return _Tensor((length,), FINITE)
         raise _Unsafe("arange bounds are a function of the padded size")
     for name in ("start", "step"):
         s = op.state(name)

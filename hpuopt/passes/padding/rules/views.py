@@ -400,7 +400,6 @@ ROWS: tuple[Row, ...] = (
     ("roll", _Rule(_along_dims_unsafe("dims", "roll")), ("roll",)),
     ("cat: padded operand last", _Rule(_cat), ("cat",)),
     ("stack", _Rule(_stack), ("stack",)),
-    ("constant_pad_nd: only after the padded dim", _Rule(_constant_pad), ("constant_pad_nd",)),
     ("repeat", _Rule(_repeat), ("repeat",)),
 )
 
