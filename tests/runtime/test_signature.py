@@ -111,11 +111,13 @@ def test_tied_sizes_in_different_buckets_fall_back_to_exact_keys():
     assert isinstance(call_keys(untied, [torch.randn(3, 2), torch.randn(5, 2)]), BucketKeys)
 
 
-def test_non_contiguous_input_falls_back_to_exact_keys():
+def test_non_contiguous_input_is_keyed_by_its_bucket():
     padder = _padder(X0)
-    x = torch.randn(4, 5).t()  # 5x4, not contiguous
-    assert call_keys(padder, [x, torch.randn(4, 4)]) is EXACT_KEYS
-    assert isinstance(call_keys(padder, [x.contiguous(), torch.randn(4, 4)]), BucketKeys)
+    x = torch.randn(4, 5).t()  # 5x4, not contiguous: its real part is copied into a dense bucket
+    keys = call_keys(padder, [x, torch.randn(4, 4)])
+    assert isinstance(keys, BucketKeys) and keys.sizes == {X0: (5, 8)}
+    dense = call_keys(padder, [x.contiguous(), torch.randn(4, 4)])
+    assert isinstance(dense, BucketKeys) and dense.sizes == keys.sizes
     assert call_keys(None, [x]) is EXACT_KEYS  # a piece that pads nothing
 
 
