@@ -206,12 +206,16 @@ def render_summary(report: ExplainReport) -> list[str]:
 
 def _numbers(s: Summary, scope: str) -> list[str]:
     process = " (whole process)" if scope == "model" else ""
+    direct = s.runtimes == ("direct",)  # compiled pieces called directly: nothing is held
+    held = (f"{plural(s.device_graphs, 'compiled key')} in "
+            f"{plural(s.captured_pieces, 'compiled piece')}" if direct else
+            f"{plural(s.device_graphs, 'device graph')}, {nbytes(s.held_bytes)}, in "
+            f"{plural(s.captured_pieces, 'captured piece')}")
     lines = [
-        f"  held:       {plural(s.device_graphs, 'device graph')}, {nbytes(s.held_bytes)}, in "
-        f"{plural(s.captured_pieces, 'captured piece')}"
+        f"  held:       {held}"
         + (f"; {s.evictions} evicted by max_graphs / max_graph_bytes ({link('memory')})"
            if s.evictions else ""),
-        f"  replayed:   {s.replays} of {s.piece_runs} piece runs"
+        f"  {'called:   ' if direct else 'replayed: '}  {s.replays} of {s.piece_runs} piece runs"
         + (f" ({s.replays / s.piece_runs:.0%})" if s.piece_runs else ""),
     ]
     parts = []
