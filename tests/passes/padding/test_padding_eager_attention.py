@@ -48,12 +48,21 @@ def eager_mask(mask: torch.Tensor, causal: bool, fill: float) -> torch.Tensor:
     return torch.where(keep, torch.zeros((), dtype=DTYPE), fill)
 
 
+def matmul4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul`` of two [B, H, ., .] tensors as AOTAutograd traces it (``bmm`` over
+    [B*H, ., .]); ``make_fx`` of ``torch.matmul`` itself keeps a ``size`` call on torch 2.11."""
+    n, h = a.shape[0], a.shape[1]
+    out = torch.bmm(a.reshape(n * h, a.shape[2], a.shape[3]), b.reshape(n * h, b.shape[2],
+                                                                          b.shape[3]))
+    return out.view(n, h, a.shape[2], b.shape[3])
+
+
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                     softmax_dtype: Any = None) -> torch.Tensor:
     """transformers' ``eager_attention_forward`` (no dropout)."""
-    w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    w = matmul4(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
     w = torch.softmax(w + bias, dim=-1, dtype=softmax_dtype).to(q.dtype)
-    return torch.matmul(w, v).transpose(1, 2).contiguous()
+    return matmul4(w, v).transpose(1, 2).contiguous()
 
 
 def _inputs(b: int, s: int, seed: int, left: bool) -> list[torch.Tensor]:
@@ -161,10 +170,10 @@ def test_a_finfo_min_mask_beside_a_term_that_is_not_scores_is_unsafe() -> None:
     """A second additive term (here a masked copy of the scores) could mask a real row's every
     key on its own, which the check on the mask term alone would not see."""
     def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = torch.matmul(q, k.transpose(2, 3))
+        scores = matmul4(q, k.transpose(2, 3))
         other = torch.where(scores > 0, scores, FINFO_MIN)
         w = torch.softmax(other + eager_mask(mask, False, FINFO_MIN), dim=-1)
-        return torch.matmul(w, v)
+        return matmul4(w, v)
 
     gm = trace_dims(f, _inputs(3, 7, 0, False), DYN)
     plan = analyze_padding(gm, DYN)
