@@ -242,7 +242,9 @@ class PaddingPlan:
     from a buffer, such as BERT's position ids); ``"extent"``, the node's dim ``bound`` has the
     bucket's extent (a buffer sliced to the padded length is long enough). Only nodes computed
     from parameters, buffers and sizes are checked, once per bucket; a bucket that fails runs
-    exact."""
+    exact. ``"attends"``: every row of the node (a ``finfo.min`` attention mask) along dim
+    ``bound`` keeps an unmasked entry, checked on every call's real inputs; a call that fails
+    runs exact."""
     mask_inputs: tuple[int, ...] = ()
     """Additive attention masks among the padded inputs: the runtime fills their pad with
     ``-inf`` (the masking value) instead of zero or NaN."""

@@ -22,6 +22,7 @@ from hpuopt.diagnostics.counters import counters
 from hpuopt.records import PaddingPlan, PadSource
 from hpuopt.runtime.base import copy_into
 from hpuopt.runtime.bucket_policy import BucketPolicy
+from hpuopt.runtime.call_checks import PER_CALL_KINDS, CallChecks
 
 ABOVE_LARGEST = object()
 """Returned by :meth:`Padder.sizes` when a size exceeds every bucket and must run uncaptured."""
@@ -37,13 +38,18 @@ class Padder:
         when the plan needs values checked and ``gm`` (the piece) is not given."""
         if plan is None or not plan.padded:
             return None
-        checker = None
+        checker = per_call = None
         if plan.checks:
             if gm is None:
                 return None
-            checker = ValueChecks(gm, plan)
+            if any(kind not in PER_CALL_KINDS for _, kind, _ in plan.checks):
+                checker = ValueChecks(gm, plan)
+            if any(kind in PER_CALL_KINDS for _, kind, _ in plan.checks):
+                per_call = CallChecks(gm, plan)
         policies = {s: BucketPolicy(config, s.dim) for s in plan.padded}
-        return cls(plan, BucketPolicy(config), checker, policies)
+        padder = cls(plan, BucketPolicy(config), checker, policies)
+        padder.per_call = per_call
+        return padder
 
     def __init__(self, plan: PaddingPlan, policy: BucketPolicy,
                  checker: ValueChecks | None = None,
@@ -59,6 +65,7 @@ class Padder:
         self.zero = plan.required_pad_value == 0.0
         self.masks = frozenset(plan.mask_inputs)
         self.checker = checker
+        self.per_call: CallChecks | None = None  # checks of the real inputs' values, per call
         self.exact_calls: dict[str, int] = {}
         """Calls this padder could not pad, by why: ``explain`` says so beside what it pads."""
 
@@ -95,6 +102,9 @@ class Padder:
             if failed:
                 self._exact(failed)
                 return None
+        if self.per_call is not None and (failed := self.per_call.failure(args)):
+            self._exact(failed)
+            return None
         return out
 
     def prepare(
@@ -190,6 +200,8 @@ class ValueChecks:
         by_name = {n.name: n for n in gm.graph.nodes}
         outs, self.kinds = [], []
         for name, kind, bound in plan.checks:
+            if kind in PER_CALL_KINDS:
+                continue
             node = by_name[name]
             outs.append(env[node])
             extra = node.args[3] if kind == "extent" and len(node.args) > 3 else None

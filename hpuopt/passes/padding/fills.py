@@ -25,10 +25,30 @@ import torch
 import torch.fx
 
 from hpuopt.fx_utils import node_value, packet_name
-from hpuopt.passes.padding.domain import _UNPADDED, FINITE, _Tensor
+from hpuopt.passes.padding.domain import _UNPADDED, FINITE, _same, _Tensor
 from hpuopt.passes.padding.index_facts import dim_map
 
 NEG_INF = -math.inf
+MASKING_BOUND = -1e4
+"""A finite fill at or below this (``torch.finfo(dtype).min`` of every float type) masks a key
+in a softmax, but only in rows that keep some key above it: a fully masked row is uniform."""
+
+
+class _RowsZero:
+    def __repr__(self) -> str:
+        return "0 (real rows)"
+
+
+ROWS_ZERO = _RowsZero()
+"""A fill value weaker than ``0``: zero wherever the index along the dim is pad *and* every other
+padded index is real (a masked softmax's weights: a pad row may be fully masked and weigh the
+pad keys too). Kept by views and float casts only; a contraction over the dim reads it."""
+
+
+def masking(value: Any) -> bool:
+    """Whether fill ``value`` is ``-inf`` or a finite constant at or below ``MASKING_BOUND``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        value <= MASKING_BOUND
 
 _AND = frozenset({"bitwise_and", "logical_and", "mul"})
 _OR = frozenset({"bitwise_or", "logical_or"})
@@ -141,14 +161,36 @@ def _kept(packet: str, node: torch.fx.Node, first: tuple[Any, dict[int, Any]],
     if packet in ("clone", "alias", "detach", "contiguous", "lift_fresh_copy", "slice",
                   "expand"):
         return list(fills.items())  # same rank (expand: right-aligned by _operands)
-    mapping = dim_map(packet, node, src, out)
+    mapping = dim_map(packet, node, src, out) or _same_index_dims(packet, src, out)
     if mapping is None:
         return []
     lead = out.dim() - src.dim()  # _operands shifted the dims right by this much
     return [(mapping[d - lead], v) for d, v in fills.items() if (d - lead) in mapping]
 
 
+def _same_index_dims(packet: str, src: torch.Tensor, out: torch.Tensor) -> dict[int, int] | None:
+    """For a reshape that merges or splits other dims (``[B, H, S, S] -> [B*H, S, S]``): the
+    input dims kept whole, with the same extent behind the same number of elements, so their
+    index is the same in both (a fill along them holds as it was)."""
+    if packet not in ("view", "_unsafe_view", "reshape"):
+        return None
+
+    def starts(shape: Sequence[Any]) -> list[Any]:
+        out, acc = [], 1
+        for n in shape:
+            out.append(acc)
+            acc = acc * n
+        return out
+
+    si, so = starts(src.shape), starts(out.shape)
+    return {i: j for i in range(src.dim()) for j in range(out.dim())
+            if _same(src.shape[i], out.shape[j]) and _same(si[i], so[j])
+            and not _same(src.shape[i], 1)} or None
+
+
 def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if value is ROWS_ZERO:
+        return value if dtype.is_floating_point else None
     if dtype == torch.bool:
         return 0 if value == 0 else 1
     if value == NEG_INF:

@@ -21,6 +21,7 @@ from hpuopt.passes.padding.rules import (
     conv_attention,
     factories,
     indexing,
+    masked_softmax,
     norms,
     pointwise,
     positive,
@@ -31,8 +32,8 @@ from hpuopt.passes.padding.rules import (
 aten = torch.ops.aten
 
 FAMILIES: tuple[ModuleType, ...] = (
-    pointwise, positive, views, indexing, contractions, reductions, norms, conv_attention,
-    factories, alignment,
+    pointwise, positive, views, indexing, contractions, reductions, masked_softmax, norms,
+    conv_attention, factories, alignment,
 )
 """The family modules, each with its ``ROWS`` and optionally ``OVERLOADS``."""
 

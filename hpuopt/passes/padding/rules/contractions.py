@@ -1,7 +1,8 @@
 """Transfer rules of contractions: ``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``mv``, ``dot``.
 
 Row and batch dims carry over; contracting over a padded dim is exact only when one operand's pad
-region is ZERO and the other's FINITE, and then the plan requires pad value 0. Rule 7 of
+region is ZERO (or it is 0 over the pad in every real row: a fill fact of 0 along the dim) and
+the other's FINITE, and then the plan requires pad value 0. Rule 7 of
 ``docs/padding.md``.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hpuopt.passes.padding import fills
 from hpuopt.passes.padding.binding import Row, RuleFn, _Op, _Renamed, _Rule
 from hpuopt.passes.padding.domain import ANY, FINITE, ZERO, _Dim, _same, _same_dim, _Tensor, _Unsafe
 
@@ -22,7 +24,10 @@ def _contract(op: _Op, a: str, b: str, a_k: int, b_k: int,
         if ka is None or kb is None or not _same_dim(ka, kb):
             raise _Unsafe("contraction over a padded dim of one operand only")
         pa, pb = sa.pad, sb.pad
-        if not ((pa == ZERO and pb <= FINITE) or (pb == ZERO and pa <= FINITE)):
+        # an operand exactly 0 over the pad in every real row (a masked softmax's weights,
+        # fills.ROWS_ZERO) times finite pad rows of the other adds exactly 0 to real outputs
+        za, zb = (fills.fill(s, k) in (0, fills.ROWS_ZERO) for s, k in ((sa, a_k), (sb, b_k)))
+        if not ((pa == ZERO or za) and pb <= FINITE or (pb == ZERO or zb) and pa <= FINITE):
             raise _Unsafe(f"contracts over the padded {ka.source}: pad × pad products are summed "
                           "into every real output (exact only with zero padding of an operand "
                           "whose pad stays zero)", {ka.source, kb.source})

@@ -112,8 +112,8 @@ ROWS: tuple[Row, ...] = (
     )),
     ("reductions to finite values", _Rule(_reduction("finite")), ("logsumexp",)),
     ("index reductions", _Rule(_reduction("index")), ("argmax", "argmin")),
-    ("softmax over another dim", _Rule(_along_dim("softmax", pad=FINITE)), (
-        "_softmax", "_log_softmax", "softmax", "log_softmax",
+    ("log-softmax over another dim", _Rule(_along_dim("log_softmax", pad=FINITE)), (
+        "_log_softmax", "log_softmax",
     )),
     ("softmax backward", _Rule(_softmax_backward), (
         "_softmax_backward_data", "_log_softmax_backward_data",
