@@ -168,27 +168,37 @@ def _replay(fn: Callable[..., Sequence[Any]], static_inputs: list[Any], outputs:
     written = set(writes.outputs) if writes is not None else set()
     slots = [i for i, o in enumerate(outputs)
              if isinstance(o, torch.Tensor) and i not in viewed and i not in written]
-    plain = [outputs[i] for i in slots]
-    copy = _copier(plain, slots)
+    copy = _copier([outputs[i] for i in slots], slots)
     if writes is None:
         return lambda: copy(fn(*static_inputs))
+    every = sorted(set(slots) | written)
+    copy_every = _copier([outputs[i] for i in every], every)
     forward, buffers, single = writes.forward, writes.buffers, writes.single
-    checked = False
+    current: list[Callable[[], None]] = []
 
-    def replay() -> None:
-        nonlocal checked, copy
+    def in_place() -> None:
         fresh = forward(*static_inputs, buffers)
-        if single:
-            fresh = (fresh,)
-        if not checked:  # once: every written output came back as a view of its buffer
-            checked = True
-            if not all(_same_view(fresh[i], outputs[i]) for i in written):
-                log.info("an out= op did not write its buffer; this graph copies its outputs")
-                every = sorted(set(slots) | written)
-                copy = _copier([outputs[i] for i in every], every)
-        copy(fresh)
+        copy((fresh,) if single else fresh)
 
-    return replay
+    def first() -> None:
+        """Every written output must come back as its buffer: an out= op that raises or writes
+        elsewhere sends the graph back to copying its outputs, for good."""
+        try:
+            fresh = forward(*static_inputs, buffers)
+            fresh = (fresh,) if single else fresh
+        except Exception:  # the graph as it was answers instead; logged
+            log.info("an out= op raised; this graph copies its outputs", exc_info=True)
+            current[0] = lambda: copy_every(fn(*static_inputs))
+            return current[0]()
+        if all(_same_view(fresh[i], outputs[i]) for i in written):
+            current[0] = in_place
+            return copy(fresh)
+        log.info("an out= op did not write its buffer; this graph copies its outputs")
+        current[0] = lambda: copy_every(fn(*static_inputs))
+        return copy_every(fresh)
+
+    current.append(first)
+    return lambda: current[0]()
 
 
 def _copier(plain: list[torch.Tensor], slots: list[int]) -> Callable[[Sequence[Any]], None]:

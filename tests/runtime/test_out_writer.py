@@ -114,33 +114,34 @@ def test_out_overloads_match_the_functional_schema():
         assert out_overload(no) is None
 
 
-def test_a_replay_that_did_not_write_its_buffer_goes_back_to_copying(monkeypatch, caplog):
-    """The first replay checks that each written output came back as its buffer; an op whose
-    out= overload returned other memory makes the graph copy its outputs from then on."""
+def _ignores_out(a, b, *, out):
+    return torch.mm(a, b) + 0.0
+
+
+def _raises(a, b, *, out):
+    raise RuntimeError("this out= overload refuses its buffer")
+
+
+@pytest.mark.parametrize("bad", [_ignores_out, _raises], ids=["writes_elsewhere", "raises"])
+def test_an_out_op_that_fails_its_buffer_sends_the_graph_back_to_copying(monkeypatch, caplog,
+                                                                          bad):
+    """The first replay checks that each written output came back as its buffer; an out=
+    overload that raises or returns other memory makes the graph copy its outputs for good,
+    and every replay, the first included, still answers right."""
     import hpuopt.runtime.out_writer as ow
 
     real = ow.out_overload.__wrapped__
-
-    def wrong(op):  # mm's out= "overload" that ignores the buffer it is given
-        if op is aten.mm.default:
-            return _ignores_out, ("out",)
-        return real(op)
-
-    monkeypatch.setattr(ow, "out_overload", wrong)
+    monkeypatch.setattr(ow, "out_overload",
+                        lambda op: (bad, ("out",)) if op is aten.mm.default else real(op))
 
     def f(a, b):
-        return (torch.mm(a, b),)
+        return (torch.mm(a, b), a.exp())
 
-    args = [torch.randn(3, 4), torch.randn(4, 5)]
-    _, graph, static = _capture(f, args)
+    _, graph, static = _capture(f, [torch.randn(3, 4), torch.randn(4, 5)])
     with caplog.at_level(logging.INFO, logger="hpuopt.runtime.cpu"):
         _replays_like_eager(f, graph, static, [[torch.randn(3, 4), torch.randn(4, 5)]
                                                 for _ in range(3)])
     assert "copies its outputs" in caplog.text
-
-
-def _ignores_out(a, b, *, out):
-    return torch.mm(a, b) + 0.0
 
 
 @pytest.mark.parametrize("check_capture", [True, False])
