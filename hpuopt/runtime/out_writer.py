@@ -22,8 +22,8 @@ Only what is proven safe is written in place; every other output is still copied
 * the producing op is a functional ATen overload whose ``out=`` overload takes the same
   arguments (names and types) plus one out argument per returned tensor;
 * the capture's probe shows the output sharing memory with that result, with the same dtype, and
-  the result dense (its buffer has the result's strides), not memory of an input or of another
-  result;
+  the result contiguous (some out= kernels fill a buffer of another layout differently), not
+  memory of an input or of another result;
 * the graph mutates nothing but its own inputs (an op writing to a value the graph computed
   could write into a buffer).
 
@@ -42,8 +42,6 @@ from typing import Any
 
 import torch
 import torch.fx
-
-from hpuopt.runtime.base import non_overlapping
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +205,9 @@ def _dense_results(value: Any, inputs: set[int]) -> bool:
                 and r.layout == torch.strided and r.device.type != "meta"
                 and not r._is_zerotensor() and not r.is_conj() and not r.is_neg()):
             return False
-        if r.untyped_storage().data_ptr() in inputs or not non_overlapping(r):
+        # contiguous only: some out= kernels (LAPACK's column-major results) fill a buffer
+        # of another layout differently from what their functional overload returns
+        if r.untyped_storage().data_ptr() in inputs or not r.is_contiguous():
             return False
     return True
 
