@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import nn
 
 import hpuopt
 from hpuopt.runtime.lending import CAN_LEND, Lender, lent_storage
@@ -129,6 +129,28 @@ def test_saved_activations_and_gradients_are_lent_and_read_in_place():
 
 
 # -- what the user can do between steps ---------------------------------------------------------
+
+
+@needs_lending
+def test_one_gradient_kept_across_steps_keeps_its_value():
+    """A graph's outputs share one lent storage: keeping a single gradient keeps it alive, so the
+    next backward copies it out first (one copy-out), and the other gradients stay right."""
+    model, ref = _pair(_mlp())
+    kept = Kept()
+    for _ in range(4):
+        x = torch.randn(4, 16)
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+        _assert_grads(model, ref)
+        one = next(model.parameters()).grad
+        kept.add(one)
+        before = hpuopt.counters.lent_copies
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, 16)).square().mean().backward()  # a step while ``one`` is alive
+        assert hpuopt.counters.lent_copies == before + 1
+        kept.check()
+    kept.check()
 
 
 def test_gradient_accumulation_keeps_earlier_gradients():

@@ -133,12 +133,12 @@ def empty_like_exact(t: torch.Tensor) -> torch.Tensor:
         buf = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     except RuntimeError:
         return torch.empty_like(t, memory_format=torch.contiguous_format)
-    if not _non_overlapping(writable(buf)):
+    if not non_overlapping(writable(buf)):
         return torch.empty_like(t, memory_format=torch.contiguous_format)
     return buf
 
 
-def _non_overlapping(t: torch.Tensor) -> bool:
+def non_overlapping(t: torch.Tensor) -> bool:
     """No two positions of ``t`` share memory. (torch's own check answers "too hard" for any
     non-contiguous layout, a row-padded one included.)"""
     dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)

@@ -241,6 +241,7 @@ class PieceCompilation:
         self.compiler = compiler.name
         self._compiler = compiler
         self.eager = listed(eager_forward(gm), single_output)
+        self.eager.hpuopt_graph = gm  # type: ignore[attr-defined]  # a runtime may rewrite it
         self.compiles = 0
         self.compile_seconds = 0.0
         self.fallbacks: dict[tuple, str] = {}

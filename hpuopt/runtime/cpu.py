@@ -9,7 +9,11 @@ so the same bugs show up on CPU:
   caller's tensors; a parameter passed without a copy is read through an alias of the storage
   it had at capture, exactly like a device graph that recorded its address;
 * every replay writes the *same output buffers*; right after capture they hold NaN (integer
-  outputs hold a sentinel), as a device graph's outputs hold garbage until the first replay;
+  outputs hold a sentinel), as a device graph's outputs hold garbage until the first replay. A
+  piece run by its ATen graph writes them in place, through the ``out=`` overloads of the ops
+  that produce them (:mod:`~hpuopt.runtime.out_writer`), all in one allocation, as a device
+  graph's kernels write into its pool: no copy a device would not pay. Other outputs (a
+  compiled piece's, an op without an ``out=`` overload) are copied into their buffers;
 * capture does not run the callable's side effects: the shape probe runs on the warm-up inputs
   (clones of any input the callable mutates);
 * with ``check_capture`` the probe runs under a dispatch mode that rejects what a CUDA or HPU
@@ -32,11 +36,12 @@ from hpuopt.runtime.base import (
     CapturedGraph,
     copy_into,
     empty_like_exact,
-    restore_mutated,
     find_output_aliases,
+    restore_mutated,
     tensor_nbytes,
     writable,
 )
+from hpuopt.runtime.out_writer import Writes, plan_writes
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +94,14 @@ class CpuRuntime:
         for _ in range(warmup_runs):
             fn(*probe_inputs)
             restore_mutated(probe_inputs, static_inputs)
+        graph = getattr(fn, "hpuopt_graph", None)  # an ATen graph run as is: written in place
+        writes = None
         try:
-            if self.check_capture:
-                with _CaptureCheckMode():
-                    probe = list(fn(*probe_inputs))
+            if graph is not None:
+                skip = _returned_inputs(graph)
+                probe, writes = plan_writes(graph, probe_inputs, self._probe, skip)
             else:
-                probe = list(fn(*probe_inputs))
+                probe = list(self._probe(lambda: fn(*probe_inputs)))
         except CaptureError:
             raise
         except Exception as exc:  # an op that fails under capture: report it as such
@@ -106,25 +113,14 @@ class CpuRuntime:
         aliases = find_output_aliases(probe, probe_inputs)
         for alias in aliases:  # a view of an input is that view of its static buffer, as on a
             outputs[alias.output] = alias.regenerate(static_inputs)  # device: nothing to copy
-        viewed = {alias.output for alias in aliases}
-        tensor_slots = [
-            i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor) and i not in viewed
-        ]
-        plain = [outputs[i] for i in tensor_slots]
-        if len(plain) > 1 and not any(0 in t.stride() for t in plain):
-
-            def replay() -> None:  # one multi-tensor copy instead of one per output
-                fresh = fn(*static_inputs)
-                torch._foreach_copy_(plain, [fresh[i] for i in tensor_slots])
-
-        else:
-
-            def replay() -> None:
-                fresh = fn(*static_inputs)
-                for i in tensor_slots:
-                    copy_into(outputs[i], fresh[i])
-
-        nbytes = tensor_nbytes(plain)
+        if writes is not None:
+            for i, out in writes.outputs.items():
+                outputs[i] = out
+            for buf in writes.buffers:
+                _fill_garbage(buf)
+        replay = _replay(fn, static_inputs, outputs, aliases, writes)
+        kept = outputs + (writes.buffers if writes is not None else [])
+        nbytes = tensor_nbytes(kept)
         self._held += nbytes
         return CapturedGraph(
             static_inputs=static_inputs,
@@ -134,6 +130,13 @@ class CpuRuntime:
             capture_seconds=time.perf_counter() - start,
             aliases=aliases,
         )
+
+    def _probe(self, thunk: Callable[[], Any]) -> Any:
+        """The capture's one run of the piece, under the capture check when it is on."""
+        if self.check_capture:
+            with _CaptureCheckMode():
+                return thunk()
+        return thunk()
 
     def release(self, graph: CapturedGraph) -> None:
         self._held -= graph.nbytes
@@ -146,3 +149,72 @@ class CpuRuntime:
 
     def memory_report(self) -> dict[str, int]:
         return {"graph_bytes": self._held}
+
+
+def _returned_inputs(graph: Any) -> set[int]:
+    """Output positions that hold an input or a constant, never written (views of inputs are
+    told apart by the probe's values)."""
+    result = next(n for n in reversed(graph.graph.nodes) if n.op == "output").args[0]
+    outs = result if isinstance(result, (tuple, list)) else [result]
+    return {i for i, o in enumerate(outs)
+            if not isinstance(o, torch.fx.Node) or o.op == "placeholder"}
+
+
+def _replay(fn: Callable[..., Sequence[Any]], static_inputs: list[Any], outputs: list[Any],
+            aliases: Sequence[Any], writes: Writes | None) -> Callable[[], None]:
+    """The replay: run the piece on the static inputs; the outputs it wrote in place need
+    nothing more, the others are copied into their buffers."""
+    viewed = {alias.output for alias in aliases}
+    written = set(writes.outputs) if writes is not None else set()
+    slots = [i for i, o in enumerate(outputs)
+             if isinstance(o, torch.Tensor) and i not in viewed and i not in written]
+    copy = _copier([outputs[i] for i in slots], slots)
+    if writes is None:
+        return lambda: copy(fn(*static_inputs))
+    every = sorted(set(slots) | written)
+    copy_every = _copier([outputs[i] for i in every], every)
+    forward, buffers, single = writes.forward, writes.buffers, writes.single
+    current: list[Callable[[], None]] = []
+
+    def in_place() -> None:
+        fresh = forward(*static_inputs, buffers)
+        copy((fresh,) if single else fresh)
+
+    def first() -> None:
+        """Every written output must come back as its buffer: an out= op that raises or writes
+        elsewhere sends the graph back to copying its outputs, for good."""
+        try:
+            fresh = forward(*static_inputs, buffers)
+            fresh = (fresh,) if single else fresh
+        except Exception:  # the graph as it was answers instead; logged
+            log.info("an out= op raised; this graph copies its outputs", exc_info=True)
+            current[0] = lambda: copy_every(fn(*static_inputs))
+            return current[0]()
+        if all(_same_view(fresh[i], outputs[i]) for i in written):
+            current[0] = in_place
+            return copy(fresh)
+        log.info("an out= op did not write its buffer; this graph copies its outputs")
+        current[0] = lambda: copy_every(fn(*static_inputs))
+        return copy_every(fresh)
+
+    current.append(first)
+    return lambda: current[0]()
+
+
+def _copier(plain: list[torch.Tensor], slots: list[int]) -> Callable[[Sequence[Any]], None]:
+    """Copies the fresh outputs at ``slots`` into ``plain``, their buffers."""
+    if not slots:
+        return lambda fresh: None
+    if len(plain) > 1 and not any(0 in t.stride() for t in plain):
+        return lambda fresh: torch._foreach_copy_(plain, [fresh[i] for i in slots])
+
+    def each(fresh: Sequence[Any]) -> None:
+        for dst, i in zip(plain, slots):
+            copy_into(dst, fresh[i])
+
+    return each
+
+
+def _same_view(fresh: Any, static: torch.Tensor) -> bool:
+    return (isinstance(fresh, torch.Tensor) and fresh.data_ptr() == static.data_ptr()
+            and fresh.shape == static.shape and fresh.stride() == static.stride())

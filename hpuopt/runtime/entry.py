@@ -19,7 +19,8 @@ is handed out by :meth:`Entry.hand_out` in one of three ways:
 
 * *lent with liveness* — activations autograd saves for backward and gradients (the runner says
   which, ``lend``): a tensor over the buffer itself, and before the piece may overwrite its
-  buffers whatever is still alive is copied out (:mod:`hpuopt.runtime.lending`);
+  buffers whatever is still alive is copied out (:mod:`hpuopt.runtime.lending`). What an exact
+  call lends and clones is planned once per entry (:attr:`Entry.lend_plan`);
 * *cloned* — everything else that reaches the caller or a dynamic piece, so nothing the user
   holds changes under them on a later call;
 * *lent without liveness* (``clone_outputs=False``, alias mode): every escaping output is the
@@ -58,7 +59,7 @@ from hpuopt.runtime.base import (
     empty_like_exact,
     tensor_nbytes,
 )
-from hpuopt.runtime.lending import Lender, lendable, layout_of
+from hpuopt.runtime.lending import Lender, lendable, plan_loans
 from hpuopt.runtime.signature import ArgRoles
 
 if TYPE_CHECKING:
@@ -70,8 +71,8 @@ class Entry:
 
     __slots__ = (
         "aliases", "all_ptrs", "capture_seconds", "copy_targets", "escaping", "escaping_copies",
-        "fresh", "graph", "inputs", "layouts", "lent", "nbytes", "outputs", "plain_copies", "ptrs", "roles",
-        "stable_args", "stable_list",
+        "exact_cloned", "exact_escaping", "fresh", "graph", "inputs", "lend_plan", "lent",
+        "nbytes", "outputs", "plain_copies", "ptrs", "roles", "stable_args", "stable_list",
     )
 
     def __init__(
@@ -114,9 +115,12 @@ class Entry:
         self.lent = frozenset(
             i for i in self.escaping if i < len(lend) and lend[i] and lendable(self.outputs[i])
         )
-        # the buffers lent as they are, with their layouts (a runtime may put fresh tensors in
-        # the output list on replay: those are lent by their own layout)
-        self.layouts = {i: (self.outputs[i], layout_of(self.outputs[i])) for i in self.lent}
+        # an exact call's hand-out, worked out once: what is lent (grouped by buffer), cloned
+        # (a list of its own: a bucketed call hands ``escaping`` over, and takes the slow path)
+        exact = list(self.escaping_copies if self.aliases else self.escaping)
+        self.exact_escaping = exact
+        self.lend_plan = plan_loans([(i, self.outputs[i]) for i in exact if i in self.lent])
+        self.exact_cloned = [i for i in exact if i not in self.lent]
 
     def same_addresses(self, args: Sequence[Any]) -> bool:
         """Whether every stable argument is where it was at capture.
@@ -161,11 +165,11 @@ class Entry:
         """The outputs, input views regenerated over the caller's tensors, and the indices of
         those to clone or lend. The list may be the graph's own: :meth:`hand_out` copies it."""
         if not self.aliases:
-            return self.outputs, self.escaping
+            return self.outputs, self.exact_escaping
         outs = list(self.outputs)
         for alias in self.aliases:  # views of inputs: views of the caller's tensors
             outs[alias.output] = alias.regenerate(args)
-        return outs, self.escaping_copies
+        return outs, self.exact_escaping
 
     def hand_out(self, outs: list[Any], escaping: Sequence[int], clone: bool,
                  lent: list[weakref.ref], lender: Lender) -> tuple[list[Any], int, int]:
@@ -183,23 +187,29 @@ class Entry:
                 outs[i] = _lend(outs[i])
                 lent.append(weakref.ref(outs[i]))
             return outs, len(escaping), 0
+        if escaping is self.exact_escaping:  # an exact call: the plan made at capture
+            lent_now = lender.lend_planned(self.lend_plan, outs)
+            for i in self.exact_cloned:
+                outs[i] = clone_exact(outs[i])
+            return outs, lent_now, len(self.exact_cloned)
+        return self._hand_out_each(outs, escaping, lender)
+
+    def _hand_out_each(self, outs: list[Any], escaping: Sequence[int],
+                       lender: Lender) -> tuple[list[Any], int, int]:
+        """:meth:`hand_out` of outputs sliced back from a bucket: each lent by its layout."""
         lend = self.lent
         shared: dict[int, torch.UntypedStorage] = {}  # outputs over one buffer share a storage
-        lent_now = 0
-        layouts = self.layouts
+        lent_now = cloned = 0
         for i in escaping:
             if getattr(outs[i], "_hpuopt_fresh", False):
                 continue  # a dense copy made when the bucket was cut: the caller's own
             if i in lend:
-                buf, layout = layouts[i]
-                if outs[i] is buf:  # the buffer itself: its layout is known
-                    outs[i] = lender.lend_as(layout, shared)
-                else:  # a view of the buffer (sliced back from a bucket)
-                    outs[i] = lender.lend(outs[i], shared)
+                outs[i] = lender.lend(outs[i], shared)
                 lent_now += 1
             else:
                 outs[i] = clone_exact(outs[i])
-        return outs, lent_now, len(escaping) - lent_now
+                cloned += 1
+        return outs, lent_now, cloned
 
 
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
@@ -280,8 +290,11 @@ def flat_forward(gm: torch.fx.GraphModule, single_output: bool) -> Callable[...,
     """``gm``'s forward returning a list of outputs, as a runtime captures it."""
     forward = eager_forward(gm)
     if single_output:
-        return lambda *a: [forward(*a)]
-    return lambda *a: list(forward(*a))
+        fn = lambda *a: [forward(*a)]
+    else:
+        fn = lambda *a: list(forward(*a))
+    fn.hpuopt_graph = gm  # type: ignore[attr-defined]  # the CPU runtime writes its outputs in place
+    return fn
 
 
 def _in_place(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,11 @@ How
 itself, its views, ``.data``, the copies of its metadata autograd keeps in saved variables —
 holds that storage, and a storage's Python object lives exactly as long as its ``StorageImpl``,
 so a ``weakref`` to it says whether anyone can still read the buffer through it (the liveness
-test). Lent outputs sharing a buffer share one storage, so their aliasing is kept.
+test). Lent outputs sharing a buffer share one storage, so their aliasing is kept. Where a
+runtime puts a graph's outputs in one allocation (the CPU runtime does), they all share one lent
+storage: one liveness test per replay, and one copy-out of the whole allocation when any of them
+is alive (keeping one gradient keeps that graph's gradients' memory). The hand-out is worked out
+at capture (:func:`plan_loans`): per call, one storage per buffer and one view per output.
 
 Before the runner lets a graph of the piece overwrite memory (a replay of any of its graphs —
 they share a memory pool, so one graph's scratch can be another's output —, a capture, an
@@ -77,6 +81,34 @@ def layout_of(buf: torch.Tensor) -> Layout:
             buf.storage_offset(), buf.size(), buf.stride())
 
 
+LoanPlan = list[tuple[torch.UntypedStorage, int, torch.device, int,
+                      list[tuple[torch.Tensor, list[tuple[int, torch.Tensor, int, torch.Size,
+                                                          tuple[int, ...]]]]]]]
+"""Per buffer storage: the storage, its address, device and size, and per dtype an empty tensor
+of it and the outputs over the storage (their position, the buffer tensor, offset, size and
+strides)."""
+
+
+def plan_loans(outputs: list[tuple[int, torch.Tensor]]) -> LoanPlan:
+    """The lending of ``outputs`` (position, buffer) worked out once for every hand-out: grouped
+    by the storage they are over (one lent storage each, so aliasing outputs keep aliasing) and
+    by dtype (each output is a view of one tensor over the whole lent storage).
+
+    Views of one tensor share its version counter: a lent output is only ever seen by autograd
+    (saved activations, gradients it detaches as it accumulates them), never written in place
+    while another output of the same replay is checked against that counter."""
+    groups: dict[int, tuple[torch.UntypedStorage, int, torch.device, int, dict]] = {}
+    for i, buf in outputs:
+        storage, ptr, nbytes, device, dtype, offset, size, stride = layout_of(buf)
+        group = groups.setdefault(ptr, (storage, ptr, device, nbytes, {}))
+        by_dtype = group[4]
+        if dtype not in by_dtype:
+            by_dtype[dtype] = (torch.empty(0, dtype=dtype, device=device), [])
+        by_dtype[dtype][1].append((i, buf, offset, size, stride))
+    return [(storage, ptr, device, nbytes, list(by_dtype.values()))
+            for storage, ptr, device, nbytes, by_dtype in groups.values()]
+
+
 class Lender:
     """What one piece lent since its last replay, and the copy-out that protects it.
 
@@ -84,7 +116,7 @@ class Lender:
     copied out first: the buffers die with the runner's graphs.
     """
 
-    __slots__ = ("_lent", "__weakref__")
+    __slots__ = ("__weakref__", "_lent")
 
     def __init__(self) -> None:
         self._lent: list[tuple[weakref.ref, torch.UntypedStorage]] = []
@@ -111,6 +143,29 @@ class Lender:
             shared[ptr] = own
             self._lent.append((weakref.ref(own), storage))
         return torch.empty(0, dtype=dtype, device=device).set_(own, offset, size, stride)
+
+    def lend_planned(self, plan: LoanPlan, outs: list[Any]) -> int:
+        """Lends the outputs ``plan`` names (:func:`plan_loans`) in place in ``outs``: one
+        storage per buffer storage, each output a view of it (one op per output). An output
+        that is not the planned buffer (a runtime that hands fresh tensors back) is lent by its
+        own layout. Returns how many were lent."""
+        lent = self._lent
+        shared: dict[int, torch.UntypedStorage] = {}
+        count = 0
+        for storage, ptr, device, nbytes, by_dtype in plan:
+            own = _construct(ptr, device, nbytes)  # type: ignore[misc]
+            own._hpuopt_lent = True  # type: ignore[attr-defined]  # see lent_storage
+            lent.append((weakref.ref(own), storage))
+            shared[ptr] = own
+            for empty, members in by_dtype:
+                flat = empty.new_empty(0).set_(own)
+                for i, buf, offset, size, stride in members:
+                    if outs[i] is buf:
+                        outs[i] = flat.as_strided(size, stride, offset)
+                    else:
+                        outs[i] = self.lend(outs[i], shared)
+                count += len(members)
+        return count
 
     def protect(self) -> int:
         """Before the piece may overwrite its buffers: every lent storage still alive gets a
