@@ -380,7 +380,9 @@ class _Analysis:
             return
         along = _positional_dims(op)
         merged: set[PadSource] = set()
-        for value in op.values.values():
+        for name, value in op.values.items():
+            if name in _GATHER_INDICES.get(op.target.overloadpacket.__name__, ()):  # type: ignore[union-attr]
+                continue  # a gather's output positions are its indices' (the rule checks them)
             for node in (value if isinstance(value, (list, tuple)) else (value,)):
                 st = self.state_of(node) if isinstance(node, torch.fx.Node) else None
                 if not isinstance(st, _Tensor) or st.dims is None:
@@ -527,6 +529,7 @@ def _positional_dims(op: _Op) -> tuple[frozenset[int], int] | None:
         return None
     return frozenset(d % rank for d in dims), rank
 _MERGED_OK_OVERLOADS = frozenset({aten.max.other, aten.min.other})
+_GATHER_INDICES = {"index": ("indices",), "index_select": ("index",), "embedding": ("indices",)}
 
 
 def _table_rule(target: Any) -> _Rule | None:

@@ -157,6 +157,7 @@ def _attention(op: _Op) -> Any:
         raise _Unsafe("attention contracts over the padded head dim",
                       {x for d in heads for x in d.sources})
     kl, vl = k.dim(2), v.dim(2)
+    causal_ok = False
     if kl is not None or vl is not None:
         ql = q.dim(2)
         causal = bool(op.raw("is_causal"))
@@ -175,6 +176,7 @@ def _attention(op: _Op) -> Any:
             op.an.tie_dims(kl, ql)
         if not masked:
             _causal_pad_keys_finite(op, k, v, {x for d in (kl, vl) for x in d.sources})
+            causal_ok = True
     lead = []
     for d in (0, 1):
         ds = [t.dim(d) for t in (q, k, v)]
@@ -187,7 +189,10 @@ def _attention(op: _Op) -> Any:
         lead.append(present[0] if present else None)
     # Fully masked rows (a pad batch row, say) give zeros, not NaN, in torch's attention since
     # 2.5 (transformers relies on it as well), so finite operands give a finite output.
-    finite = masked and all(t.pad <= FINITE for t in (q, k, v) if t.padded)
+    # Causal rows always keep their diagonal key, and an unpadded key length has only real
+    # keys: with finite operands those outputs are finite too.
+    finite = (masked or causal_ok or (kl is None and vl is None)) and \
+        all(t.pad <= FINITE for t in (q, k, v) if t.padded)
     out0 = _Tensor((lead[0], lead[1], q.dim(2), v.dim(3)), FINITE if finite else ANY)
     val = node_value(op.node)
     if not isinstance(val, (list, tuple)):

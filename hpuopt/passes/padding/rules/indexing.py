@@ -10,11 +10,13 @@ the gather position-preserving. Rules 5 and 8 of
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hpuopt.passes.padding.binding import Row, _Op, _Rule
 from hpuopt.passes.padding.domain import (
@@ -39,19 +41,72 @@ def _index_select(op: _Op) -> _Tensor:
     return _Tensor(tuple(dims), max(st.pad if st.padded else FINITE, FINITE))
 
 
-def _need_zero_index(op: _Op, idx: _Tensor, what: str, arg: str = "", bound: Any = None
-                     ) -> None:
-    """Padded indices must be in range in the pad too: zero (a zero-filled input's pad), or
-    computed from buffers and sizes alone (checked per bucket on the real buffers)."""
+def _need_zero_index(op: _Op, idx: _Tensor, what: str, arg: str = "", bound: Any = None,
+                     node: Any = None) -> None:
+    """Padded indices must be in range in the pad too: positions a ``topk``/``sort``/``argmax``
+    returned over a dim no longer than the indexed one (whatever the values were, NaN pad
+    included), zero (a zero-filled input's pad), or computed from buffers and sizes alone
+    (checked per bucket on the real buffers)."""
+    if node is None and arg:
+        node = op.raw(arg)
+    if bound is not None and isinstance(node, torch.fx.Node) and \
+            _positions_within(op, node, bound):
+        return
     if idx.pad == ZERO:
         op.an.require_zero(f"{what} with padded indices (pad filled with index 0)")
         return
-    node = op.raw(arg) if arg else None
     if isinstance(bound, int) and isinstance(node, torch.fx.Node) and op.an.param_content(node):
         op.an.require_check(node, "range", bound)
         return
     raise _Unsafe(f"{what} with padded indices: arbitrary pad contents may be out-of-range "
                   "indices (device assert); needs pad value 0")
+
+
+_SAME_VALUES = frozenset({"view", "reshape", "_unsafe_view", "expand", "clone", "unsqueeze",
+                          "squeeze", "flatten", "contiguous", "alias", "permute", "t"})
+_POSITIONS = {"topk": 1, "sort": 1, "max": 1, "min": 1}  # which output holds positions
+
+
+def _positions_within(op: _Op, node: torch.fx.Node, bound: int) -> bool:
+    """Whether every value of ``node`` is a position in ``[0, bound)`` by construction: the
+    positions output of a ``topk``/``sort``/``max.dim``/``min.dim`` (or an ``argmax``/``argmin``)
+    over a dim of static extent at most ``bound``, through views and copies that keep values.
+    Such positions are in range in the pad too, whatever the values they were taken from."""
+    while node.op == "call_function" and getattr(node.target, "overloadpacket", None) is not None \
+            and node.target.overloadpacket.__name__ in _SAME_VALUES:
+        node = node.args[0]
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:
+        src, which = node.args
+        packet = getattr(getattr(src, "target", None), "overloadpacket", None)
+        if packet is None or _POSITIONS.get(packet.__name__) != which or len(src.args) < 1:
+            return False
+        if packet.__name__ in ("max", "min") and len(src.args) < 2:
+            return False  # max(x) without a dim has no positions output
+        source, dim = src.args[0], _dim_of(src)
+    elif getattr(target, "overloadpacket", None) in (torch.ops.aten.argmax, torch.ops.aten.argmin):
+        source, dim = node.args[0], _dim_of(node)
+        if dim is None:
+            return False
+    else:
+        return False
+    shape = op.an.shape_of(source)
+    if dim is None or not shape:
+        return False
+    extent = shape[dim % len(shape)]
+    return bool(statically_known_true(extent <= bound))
+
+
+def _dim_of(node: torch.fx.Node) -> int | None:
+    """The ``dim`` argument of a reduction-like call (default -1 for topk and sort)."""
+    if len(node.args) > (2 if node.target.overloadpacket.__name__ == "topk" else 1):
+        dim = node.args[2] if node.target.overloadpacket.__name__ == "topk" else node.args[1]
+    else:
+        dim = node.kwargs.get("dim", -1 if node.target.overloadpacket.__name__ in ("topk", "sort")
+                              else None)
+    return dim if isinstance(dim, int) else None
 
 
 def _embedding(op: _Op) -> _Tensor:
@@ -90,7 +145,7 @@ def _index_tensor(op: _Op) -> _Tensor:
     idx = op.an.state_of(indices[k])
     idx = idx if isinstance(idx, _Tensor) else _UNPADDED
     if idx.padded:
-        _need_zero_index(op, idx, "indexing")
+        _need_zero_index(op, idx, "indexing", bound=op.shape("self")[k], node=indices[k])
     idx_rank = len(op.an.shape_of(indices[k]))
     rank = op.rank("self")
     dims = (None,) * k + tuple(idx.dims or (None,) * idx_rank) + (None,) * (rank - k - 1)

@@ -166,7 +166,6 @@ ROWS: tuple[Row, ...] = (
         "threshold_backward", "gelu_backward", "silu_backward", "tanh_backward",
         "sigmoid_backward", "hardtanh_backward", "leaky_relu_backward",
     )),
-    ("pointwise, division", _Rule(_pointwise("div")), ("div",)),
     ("pointwise, boolean", _Rule(_pointwise("bool")), (
         "eq", "ne", "lt", "le", "gt", "ge", "logical_or", "logical_xor", "bitwise_or",
         "bitwise_xor",

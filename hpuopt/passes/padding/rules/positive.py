@@ -14,6 +14,7 @@ input as an obligation the runtime checks on every padded call (``PaddingPlan.po
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -98,7 +99,45 @@ def _positive(op: _Op, node: Any) -> bool:
         (_nonneg(op, b) and _positive_scalar(op, a))
 
 
+def _top_softmax_sum(op: _Op, node: Any) -> bool:
+    """``sum(topk(softmax(z), k, dim).values, dim)`` of NaN-free ``z``: the top values include
+    the row's largest probability, at least ``1 / n`` (a router renormalising its top-k
+    weights divides by this): positive, pad rows included."""
+    node = _through(node)
+    if not isinstance(node, torch.fx.Node) or packet_name(node) != "sum" or not node.args:
+        return False
+    top = _through(node.args[0])
+    if not (isinstance(top, torch.fx.Node) and top.target is operator.getitem
+            and top.args[1] == 0 and packet_name(top.args[0]) == "topk"):
+        return False
+    topk = top.args[0]
+    probs = _through(topk.args[0])
+    if not (isinstance(probs, torch.fx.Node) and packet_name(probs) in ("softmax", "_softmax")):
+        return False
+    k = topk.args[1] if len(topk.args) > 1 else None
+    largest = topk.args[4] if len(topk.args) > 4 else topk.kwargs.get("largest", True)
+    return isinstance(k, int) and k >= 1 and largest is not False and \
+        _not_nan(op, probs.args[0])
+
+
 _UNBOUNDED = _pointwise("unary", (ANY, ANY))
+_DIVIDE = _pointwise("div")
+
+
+def _div(op: _Op) -> _Tensor:
+    """Division stays finite in the pad when the numerator's pad is finite and the divisor is
+    positive by construction (an RMS norm's ``mean(x ** 2) + eps``, or the sum of a softmax's
+    top-k values); otherwise the generic rule (a finite nonzero constant keeps the numerator's
+    fact; anything else may divide by zero)."""
+    result = _DIVIDE(op)
+    names = [n for n in op.values if n != "rounding_mode"]
+    if result.pad <= FINITE or len(names) < 2 or op.raw("rounding_mode") is not None:
+        return result
+    num, den = op.raw(names[0]), op.raw(names[1])
+    if _not_nan(op, num) and op.an.state_of(num) is not None and \
+            (_positive(op, den) or _top_softmax_sum(op, den)):
+        return _Tensor(result.dims, FINITE)
+    return result
 
 
 def _finite_on_positive(op: _Op) -> _Tensor:
@@ -114,4 +153,5 @@ ROWS: tuple[Row, ...] = (
     ("finite on positive operands (rsqrt of an RMS norm)", _Rule(_finite_on_positive), (
         "rsqrt", "reciprocal",
     )),
+    ("division (finite over a positive divisor)", _Rule(_div), ("div",)),
 )

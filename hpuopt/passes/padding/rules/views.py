@@ -116,21 +116,50 @@ def _merge_target(states: Sequence[_Dim | None], gb: Sequence[int], out_shape: S
 def _split_merged(states: Sequence[_Dim | None], ga: Sequence[int], gb: Sequence[int],
                   in_shape: Sequence[Any], out_shape: Sequence[Any],
                   dims: list[_Dim | None]) -> None:
-    """A merged dim kept whole, or split back into exactly the dims it merged."""
+    """A merged dim kept whole, merged further with unpadded inner dims (``[B*S, K] ->
+    [B*S*K]``: a routed token's K copies), or split back along its parts' boundaries (into its
+    own dims, or into groups of them: ``[B*S*K] -> [B*S, K]``)."""
     merged = states[0]
+    big = [j for j in gb if not _same(out_shape[j], 1)]
+    if len(ga) > 1 and merged is not None and merged.parts is not None and len(big) == 1 \
+            and all(s is None for s in states[1:]):
+        dims[big[0]] = _Dim.merged(merged.parts + tuple((None, in_shape[i]) for i in ga[1:]))
+        return
     if len(ga) != 1 or merged is None or merged.parts is None:
         raise _Unsafe("reshape merges a merged padded dim with other dims",
                       {x for s in states if s is not None for x in s.sources})
-    big = [j for j in gb if not _same(out_shape[j], 1)]
     if len(big) == 1 and _same(out_shape[big[0]], in_shape[ga[0]]):
         dims[big[0]] = merged
         return
     parts = [(d, n) for d, n in merged.parts if not _same(n, 1)]
-    if len(big) != len(parts) or not all(_same(out_shape[j], n) for j, (_, n) in zip(big, parts)):
-        raise _Unsafe("reshape splits merged padded dims other than back into their own dims",
+    groups = _part_groups(parts, [out_shape[j] for j in big])
+    if groups is None:
+        raise _Unsafe("reshape splits merged padded dims other than along their boundaries",
                       set(merged.sources))
-    for j, (d, _) in zip(big, parts):
-        dims[j] = d
+    for j, group in zip(big, groups):
+        if len(group) == 1:
+            dims[j] = group[0][0]
+        elif any(d is not None for d, _ in group):
+            dims[j] = _Dim.merged(tuple(group))
+
+
+def _part_groups(parts: Sequence[tuple[_Dim | None, Any]], sizes: Sequence[Any]
+                 ) -> list[list[tuple[_Dim | None, Any]]] | None:
+    """``parts`` cut into consecutive groups whose extents multiply to ``sizes`` in order, or
+    ``None`` when an output dim would cut through a part."""
+    groups: list[list[tuple[_Dim | None, Any]]] = []
+    k = 0
+    for size in sizes:
+        group: list[tuple[_Dim | None, Any]] = []
+        product: Any = 1
+        while k < len(parts) and not _same(product, size):
+            group.append(parts[k])
+            product = product * parts[k][1]
+            k += 1
+        if not group or not _same(product, size):
+            return None
+        groups.append(group)
+    return groups if k == len(parts) else None
 
 
 def _check_size_args(op: _Op, dims: Sequence[_Dim | None], name: str) -> None:
