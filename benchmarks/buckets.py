@@ -12,6 +12,8 @@ Workloads (inference, ``torch.no_grad()``, float32; details in ``benchmarks/READ
                       default experts implementation (grouped matmuls over routed tokens).
     mixtral-loop      the same with ``experts_implementation="eager"``: one loop step per hit
                       expert, each over the tokens routed to it (a count only the data knows).
+    mixtral-batched   the same with ``experts_implementation="batched_mm"``: every (token,
+                      expert) pair at once, the experts' weights gathered per pair.
     generate-static   ``LlamaForCausalLM.generate()`` with ``cache_implementation="static"``,
                       ``--gen-calls`` calls of random (batch 1..``--gen-max-batch``, prompt
                       ``--min-seq``..``--gen-max-prompt``), left-padded; greedy, up to a fixed
@@ -55,7 +57,8 @@ from harness import Goal, Row
 # hpuopt from this checkout: importing harness put it first on sys.path
 import hpuopt
 
-WORKLOADS = ("bert", "llama", "mixtral", "mixtral-loop", "generate-static", "generate-dynamic")
+WORKLOADS = ("bert", "llama", "mixtral", "mixtral-loop", "mixtral-batched", "generate-static",
+             "generate-dynamic")
 VOCAB = 99
 ROWS = ("eager", "hpugraph exact", "hpugraph")
 """eager; hpugraph with ``padding=False`` (a graph per exact shape); hpugraph's default."""
@@ -88,8 +91,9 @@ def make_model(kind: str) -> torch.nn.Module:
             intermediate_size=37, max_position_embeddings=64))
     if kind == "llama":
         return tf.LlamaModel(tf.LlamaConfig(**llama))
-    if kind in ("mixtral", "mixtral-loop"):
-        extra = {"experts_implementation": "eager"} if kind == "mixtral-loop" else {}
+    if kind in ("mixtral", "mixtral-loop", "mixtral-batched"):
+        extra = {"mixtral-loop": {"experts_implementation": "eager"},
+                 "mixtral-batched": {"experts_implementation": "batched_mm"}}.get(kind, {})
         return tf.MixtralForCausalLM(tf.MixtralConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=48, num_local_experts=4,
@@ -183,7 +187,9 @@ def build_workload(name: str, args: argparse.Namespace) -> Workload:
     title = {"bert": "BertModel, padded masks (right, left)",
              "llama": "LlamaModel, padded masks (right, left)",
              "mixtral": "MixtralForCausalLM, default experts (grouped matmuls)",
-             "mixtral-loop": "MixtralForCausalLM, experts_implementation='eager' (a loop)"}[name]
+             "mixtral-loop": "MixtralForCausalLM, experts_implementation='eager' (a loop)",
+             "mixtral-batched": "MixtralForCausalLM, experts_implementation='batched_mm' "
+                                "(per token-expert pair)"}[name]
     return Workload(name, title, model, make_inputs(shapes, device, args.seed, masks),
                     _forward, _compiled_model, ("batch", "seq"),
                     info={"api": "hpuopt.compile(model, padding=...)"})
