@@ -8,6 +8,7 @@ of them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -132,3 +133,22 @@ def mutated_inputs(gm: torch.fx.GraphModule) -> set[int]:
                 if arg_schema.alias_info is not None and arg in base_of:
                     base_of[node] = base_of[arg]
     return out
+
+
+def values_module(gm: torch.fx.GraphModule,
+                  pick: Callable[[dict[str, torch.fx.Node], Callable[[Any], Any]], Sequence[Any]]
+                  ) -> torch.fx.GraphModule:
+    """A module computing some of ``gm``'s values from ``gm``'s own placeholders, with only the
+    nodes they need. ``pick(by_name, copy)`` returns the outputs: ``by_name`` maps ``gm``'s node
+    names to its nodes, ``copy`` maps one of them (or a non-node, unchanged) into the new graph.
+    """
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    by_name = {n.name: n for n in gm.graph.nodes}
+    graph.output(tuple(pick(by_name, lambda v: env[v] if isinstance(v, torch.fx.Node) else v)))
+    graph.eliminate_dead_code()
+    return torch.fx.GraphModule(gm, graph)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from hpuopt.fx_utils import values_module
 from hpuopt.passes.padding.fills import MASKING_BOUND
 from hpuopt.passes.padding.rules.masked_softmax import ATTENDS
 from hpuopt.records import PaddingPlan
@@ -32,18 +33,10 @@ class CallChecks:
     """The plan's per-call checks of piece ``gm`` (see above); ``failure`` says what failed."""
 
     def __init__(self, gm: torch.fx.GraphModule, plan: PaddingPlan) -> None:
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                break
-            env[node] = graph.node_copy(node, lambda n: env[n])
-        by_name = {n.name: n for n in gm.graph.nodes}
         self.checks = [(name, bound) for name, kind, bound in plan.checks
                        if kind in PER_CALL_KINDS]
-        graph.output(tuple(env[by_name[name]] for name, _ in self.checks))
-        graph.eliminate_dead_code()
-        self.module = torch.fx.GraphModule(gm, graph)
+        self.module = values_module(
+            gm, lambda by_name, copy: [copy(by_name[name]) for name, _ in self.checks])
 
     def failure(self, args: Sequence[Any]) -> str:
         """``""`` when every row of every checked mask keeps an unmasked entry; else why not."""

@@ -19,6 +19,7 @@ import torch.fx
 
 from hpuopt.config import Config
 from hpuopt.diagnostics.counters import counters
+from hpuopt.fx_utils import values_module
 from hpuopt.records import PaddingPlan, PadSource
 from hpuopt.runtime.base import copy_into
 from hpuopt.runtime.bucket_policy import BucketPolicy
@@ -191,26 +192,20 @@ class ValueChecks:
     version of the buffers read (a device read, so not on every call)."""
 
     def __init__(self, gm: torch.fx.GraphModule, plan: PaddingPlan) -> None:
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                break
-            env[node] = graph.node_copy(node, lambda n: env[n])
-        by_name = {n.name: n for n in gm.graph.nodes}
-        outs, self.kinds = [], []
-        for name, kind, bound in plan.checks:
-            if kind in PER_CALL_KINDS:
-                continue
-            node = by_name[name]
-            outs.append(env[node])
-            extra = node.args[3] if kind == "extent" and len(node.args) > 3 else None
-            outs.append(env[extra] if isinstance(extra, torch.fx.Node) else extra)
-            self.kinds.append((kind, bound, name))
-        graph.output(tuple(outs))
-        graph.eliminate_dead_code()
-        self.module = torch.fx.GraphModule(gm, graph)
-        self.reads = [i for i, n in enumerate(graph.find_nodes(op="placeholder")) if n.users]
+        self.kinds = [(kind, bound, name) for name, kind, bound in plan.checks
+                      if kind not in PER_CALL_KINDS]
+
+        def pick(by_name: dict[str, torch.fx.Node], copy: Any) -> list[Any]:
+            outs = []
+            for kind, _, name in self.kinds:  # the checked value, and an extent's extra operand
+                node = by_name[name]
+                extra = node.args[3] if kind == "extent" and len(node.args) > 3 else None
+                outs += [copy(node), copy(extra)]
+            return outs
+
+        self.module = values_module(gm, pick)
+        self.reads = [i for i, n in enumerate(self.module.graph.find_nodes(op="placeholder"))
+                      if n.users]
         self.verdicts: dict[tuple[Any, ...], str] = {}
 
     def failure(self, args: Sequence[Any], buckets: dict[PadSource, int],
