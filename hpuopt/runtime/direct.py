@@ -31,10 +31,10 @@ import torch
 from hpuopt.diagnostics.counters import counters
 from hpuopt.runtime.base import CapturedGraph, clone_exact
 from hpuopt.runtime.entry import Entry
-from hpuopt.runtime.graph_cache import GraphCache, Held, Uncaptured
+from hpuopt.runtime.graph_cache import GraphCache, Held
 from hpuopt.runtime.padder import slice_outputs
-from hpuopt.runtime.runner import PieceRunner
-from hpuopt.runtime.signature import BucketKeys, KeyStrategy, call_keys
+from hpuopt.runtime.runner import CAPTURE_OFF, PieceRunner
+from hpuopt.runtime.signature import BucketKeys, KeyStrategy
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +89,10 @@ class DirectRunner(PieceRunner):
         self.cache = GraphCache(lambda graph: None, self.config.max_graphs)
 
     def __call__(self, *args: Any) -> Any:
-        keys = call_keys(self.padder, args)
-        if keys is None:  # a size above the largest bucket, configured to run as is
-            self.cache.fallback_reasons.setdefault(("above",), "size above the largest bucket")
+        found = self._lookup(args)
+        if found is None:
             return self._run_uncaptured(args)
-        key = keys.key(self.roles, args)
-        entry = self.cache.get(key)
-        if entry is None:
-            key, entry = self._miss(key, args, keys)
-        if isinstance(entry, Uncaptured):
-            return self._run_uncaptured(args)
+        keys, key, entry = found
         assert isinstance(entry, DirectEntry)
         try:
             if isinstance(keys, BucketKeys):
@@ -130,7 +124,7 @@ class DirectRunner(PieceRunner):
     def _capture(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> Held:
         """Compiles the piece for ``key`` (the ``capture`` step of a capturing runner)."""
         if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
-            return Uncaptured("capture is disabled (capture=False)")
+            return CAPTURE_OFF
         if self.roles.unsupported:
             return self._fallback(key, self.roles.unsupported)
         example = list(args)

@@ -58,7 +58,7 @@ from hpuopt.runtime.signature import KeyStrategy, arg_roles, call_keys
 
 log = logging.getLogger(__name__)
 
-_CAPTURE_OFF = Uncaptured("capture is disabled (capture=False)")
+CAPTURE_OFF = Uncaptured("capture is disabled (capture=False)")
 _PAST_LIMIT = Uncaptured("past max_graphs (past_max_graphs='uncaptured')")
 
 
@@ -119,16 +119,10 @@ class PieceRunner:
     def __call__(self, *args: Any) -> Any:
         if self._addresses.watching:
             self._observe(args)
-        keys = call_keys(self.padder, args)
-        if keys is None:  # a size above the largest bucket, configured to run uncaptured
-            self.cache.fallback_reasons.setdefault(("above",), "size above the largest bucket")
+        found = self._lookup(args)
+        if found is None:
             return self._run_uncaptured(args)
-        key = keys.key(self.roles, args)
-        entry = self.cache.get(key)
-        if entry is None:
-            key, entry = self._miss(key, args, keys)
-        if isinstance(entry, Uncaptured):
-            return self._run_uncaptured(args)
+        keys, key, entry = found
         if self._lender:  # before the address check: a lent argument may move
             self._protect_lent()
         if not entry.same_addresses(args):
@@ -150,6 +144,21 @@ class PieceRunner:
         self.replays += 1
         counters.replays += 1
         return self._finish(entry, args, keys)
+
+    def _lookup(self, args: Sequence[Any]) -> tuple[KeyStrategy, tuple, Entry] | None:
+        """This call's key strategy, key and entry (made on a miss); ``None`` when the call runs
+        as is (a size above the largest bucket, configured so, or an uncaptured signature)."""
+        keys = call_keys(self.padder, args)
+        if keys is None:  # a size above the largest bucket, configured to run uncaptured
+            self.cache.fallback_reasons.setdefault(("above",), "size above the largest bucket")
+            return None
+        key = keys.key(self.roles, args)
+        entry = self.cache.get(key)
+        if entry is None:
+            key, entry = self._miss(key, args, keys)
+        if isinstance(entry, Uncaptured):
+            return None
+        return keys, key, entry
 
     def _retire_lent(self) -> None:
         if retire_lent(self._lent, self.name) and not self._warned_stale:
@@ -235,7 +244,7 @@ class PieceRunner:
 
     def _capture(self, key: tuple, args: Sequence[Any], keys: KeyStrategy) -> Held:
         if not self.config.capture:  # the user's choice: recorded, neither warned nor strict
-            return _CAPTURE_OFF
+            return CAPTURE_OFF
         self._protect_lent()  # a capture runs the piece and may evict a graph
         if self.roles.unsupported:
             return self._fallback(key, self.roles.unsupported)
