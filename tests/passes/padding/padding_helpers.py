@@ -45,6 +45,8 @@ def pad_input(x: torch.Tensor, dim: int, size: int, zeros: bool,
     extra[dim] = size - x.shape[dim]
     if zeros:
         fill = torch.zeros(extra, dtype=x.dtype)
+    elif x.dtype == torch.bool:
+        fill = torch.randint(0, 2, extra, generator=gen).bool()
     elif x.is_floating_point():
         # any contents, as the runtime's are: large values, and NaN and infinities (the
         # runtime fills a float pad it need not zero with NaN)

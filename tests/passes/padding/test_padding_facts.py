@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from padding_helpers import DTYPE
+from padding_helpers import DTYPE, pad_input
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -79,25 +79,6 @@ def tie_groups(plan: PaddingPlan, inputs: Sequence[Any]) -> list[list[PadSource]
     return list(groups.values())
 
 
-def pad_along(x: torch.Tensor, dim: int, size: int, zeros: bool,
-              gen: torch.Generator) -> torch.Tensor:
-    extra = list(x.shape)
-    extra[dim] = size - x.shape[dim]
-    if zeros:
-        fill = torch.zeros(extra, dtype=x.dtype)
-    elif x.dtype == torch.bool:
-        fill = torch.randint(0, 2, extra, generator=gen).bool()
-    elif x.is_floating_point():  # any contents: NaN and infinities too, as the runtime's
-        fill = torch.randn(extra, generator=gen, dtype=x.dtype) * 3
-        pick = torch.rand(extra, generator=gen)
-        fill[pick < 0.3] = float("nan")
-        fill[(pick >= 0.3) & (pick < 0.4)] = float("inf")
-        fill[(pick >= 0.4) & (pick < 0.5)] = float("-inf")
-    else:
-        fill = torch.randint(-(10**6), 10**6, extra, generator=gen, dtype=x.dtype)
-    return torch.cat([x, fill], dim)
-
-
 def padded_inputs(sources: Sequence[PadSource], groups: Sequence[Sequence[PadSource]],
                   inputs: Sequence[Any], extras: Sequence[int], zeros: bool,
                   seed: int) -> tuple[list[Any], dict[PadSource, int]]:
@@ -109,7 +90,7 @@ def padded_inputs(sources: Sequence[PadSource], groups: Sequence[Sequence[PadSou
             bucket[s] = n + extras[k % len(extras)]
     padded = list(inputs)
     for s in sources:
-        padded[s.input] = pad_along(padded[s.input], s.dim, bucket[s], zeros, gen)
+        padded[s.input] = pad_input(padded[s.input], s.dim, bucket[s], zeros, gen)
     return padded, bucket
 
 
