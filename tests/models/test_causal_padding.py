@@ -7,7 +7,6 @@ fresh random ids; the logits must hold no NaN and equal eager's."""
 from __future__ import annotations
 
 import random
-import warnings
 
 import pytest
 import torch
@@ -17,14 +16,6 @@ import hpuopt
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
 
 
 def _llama():

@@ -6,7 +6,6 @@ compilers are tested on their own (tests/runtime/test_direct_runtime.py)."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -18,14 +17,6 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 99
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DIRECT = {"runtime": "direct", "piece_compiler": "eager"}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
 
 
 def _bert():

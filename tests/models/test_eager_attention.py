@@ -6,8 +6,6 @@ to buckets whenever every real query row keeps an unmasked key; a call with a fu
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -16,14 +14,6 @@ import hpuopt
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 99
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
 
 
 def _bert():

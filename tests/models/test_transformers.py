@@ -6,7 +6,6 @@ runs on the CPU and, where there is a GPU, on CUDA (``-m cuda`` selects those)."
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -18,14 +17,6 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 99
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 SHAPES = [(2, 7), (3, 5), (2, 7), (4, 11)]  # (batch, sequence); a repeat replays
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
 
 
 def _bert():
