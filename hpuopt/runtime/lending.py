@@ -71,7 +71,7 @@ def lendable(t: Any) -> bool:
 
 Layout = tuple[torch.UntypedStorage, int, int, torch.device, torch.dtype, int, torch.Size,
                tuple[int, ...]]
-"""A buffer as :meth:`Lender.lend_as` needs it: its storage, address and size in bytes, device,
+"""A buffer as lending needs it (:meth:`Lender.lend`, :func:`plan_loans`): its storage, address and size in bytes, device,
 dtype, offset, size and strides."""
 
 
@@ -131,11 +131,7 @@ class Lender:
     def lend(self, buf: torch.Tensor, shared: dict[int, torch.UntypedStorage]) -> torch.Tensor:
         """A tensor like ``buf`` over its memory, on a storage of its own. ``shared`` maps a
         buffer's address to the storage lent over it in this hand-out (one per buffer)."""
-        return self.lend_as(layout_of(buf), shared)
-
-    def lend_as(self, layout: Layout, shared: dict[int, torch.UntypedStorage]) -> torch.Tensor:
-        """:meth:`lend` of a buffer described by its :func:`layout_of` (computed once)."""
-        storage, ptr, nbytes, device, dtype, offset, size, stride = layout
+        storage, ptr, nbytes, device, dtype, offset, size, stride = layout_of(buf)
         own = shared.get(ptr)
         if own is None:
             own = _construct(ptr, device, nbytes)  # type: ignore[misc]
