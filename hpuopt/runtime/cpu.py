@@ -31,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hpuopt.errors import CaptureError
+from hpuopt.fx_utils import output_node
 from hpuopt.ops import host_sync_reason
 from hpuopt.runtime.base import (
     CapturedGraph,
@@ -154,7 +155,7 @@ class CpuRuntime:
 def _returned_inputs(graph: Any) -> set[int]:
     """Output positions that hold an input or a constant, never written (views of inputs are
     told apart by the probe's values)."""
-    result = next(n for n in reversed(graph.graph.nodes) if n.op == "output").args[0]
+    result = output_node(graph).args[0]
     outs = result if isinstance(result, (tuple, list)) else [result]
     return {i for i, o in enumerate(outs)
             if not isinstance(o, torch.fx.Node) or o.op == "placeholder"}

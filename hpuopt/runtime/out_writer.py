@@ -43,6 +43,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from hpuopt.fx_utils import output_node
+
 log = logging.getLogger(__name__)
 
 
@@ -138,7 +140,7 @@ def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
     """Runs ``gm`` on ``probe_inputs`` once (through ``run(thunk)``, the capture's probe) and
     returns its outputs, with the rewrite that writes them in place (``None`` when no output can
     be). Outputs at ``skip`` (views of inputs) are left alone."""
-    result = _output_node(gm).args[0]
+    result = output_node(gm).args[0]
     single = not isinstance(result, (tuple, list))
     outs = [result] if single else list(result)
     sources = {i: _source(o) for i, o in enumerate(outs) if i not in skip}
@@ -183,10 +185,6 @@ def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
     writer = torch.fx.GraphModule(gm, graph)
     log.debug("%d of %d outputs written in place", len(placed), len(outs))
     return probe, Writes(writer.forward, flat, placed, single)
-
-
-def _output_node(gm: torch.fx.GraphModule) -> torch.fx.Node:
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 
 def _listed(value: Any, single: bool) -> list[Any]:
