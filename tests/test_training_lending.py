@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import hpuopt
-from hpuopt.runtime.lending import CAN_LEND, Lender, lent_storage
+from hpuopt.runtime.lending import CAN_LEND, Lender, lent_storage, plan_loans
 
 needs_lending = pytest.mark.skipif(
     not CAN_LEND, reason="this torch cannot redirect a storage (no UntypedStorage._swap_data_ptr_"
@@ -94,6 +94,40 @@ def test_a_dropped_lender_copies_out_what_is_alive():
     del lender  # the runner (and its graphs) went: the buffer may be freed now
     buf.fill_(0.0)
     torch.testing.assert_close(kept, then)
+
+
+@needs_lending
+def test_planned_loans_hand_out_runs_of_alike_outputs():
+    """Buffers alike and evenly spaced go out in one call; each lent tensor has the buffer's
+    values and layout, is not a view autograd would detach or refuse to update in place, and
+    lives on the one lent storage, copied out whole when one of them is alive."""
+    arena = torch.randn(64)
+    bufs = [arena[0:8].view(2, 4), arena[16:24].view(2, 4), arena[32:40].view(2, 4),  # a run
+            arena[40:48].view(2, 4),  # alike but off the step: a run of its own
+            arena[48:54].view(3, 2).t(), arena[56:60]]  # other layouts
+    outputs = list(enumerate(bufs))
+    plan = plan_loans(outputs)
+    (_, _, _, _, by_dtype), = plan
+    (_, runs), = by_dtype
+    assert sorted(len(members) for members, *_ in runs) == [1, 1, 1, 3]
+    lender = Lender()
+    outs = list(bufs) + ["not lent"]
+    assert lender.lend_planned(plan, outs) == len(bufs)
+    assert outs[-1] == "not lent"
+    storages = {o.untyped_storage().data_ptr() for o in outs[:-1]}
+    for got, buf in zip(outs, bufs):
+        assert got is not buf and not got._is_view() and lent_storage(got)
+        assert (got.data_ptr(), got.shape, got.stride()) == (buf.data_ptr(), buf.shape,
+                                                             buf.stride())
+        torch.testing.assert_close(got, buf, rtol=0, atol=0)
+    assert len(storages) == 1
+    outs[1].add_(1.0)  # autograd accumulating into a lent gradient: allowed, seen in the buffer
+    torch.testing.assert_close(bufs[1], outs[1], rtol=0, atol=0)
+    kept, then = outs[3], outs[3].clone()
+    del outs
+    assert lender.protect() == 1  # one of them alive: the whole storage is copied out
+    arena.fill_(float("nan"))
+    torch.testing.assert_close(kept, then, rtol=0, atol=0)
 
 
 @needs_lending

@@ -43,6 +43,7 @@ from hpuopt.runtime.base import (
     writable,
 )
 from hpuopt.runtime.out_writer import Writes, plan_writes
+from hpuopt.runtime.replay_program import mutates_arguments, replay_program
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,12 @@ class CpuRuntime:
             fn(*probe_inputs)
             restore_mutated(probe_inputs, static_inputs)
         graph = getattr(fn, "hpuopt_graph", None)  # an ATen graph run as is: written in place
-        writes = None
+        writes = program = None
         try:
             if graph is not None:
                 skip = _returned_inputs(graph)
                 probe, writes = plan_writes(graph, probe_inputs, self._probe, skip)
+                program = _program(graph, writes, probe_inputs, static_inputs)
             else:
                 probe = list(self._probe(lambda: fn(*probe_inputs)))
         except CaptureError:
@@ -119,7 +121,7 @@ class CpuRuntime:
                 outputs[i] = out
             for buf in writes.buffers:
                 _fill_garbage(buf)
-        replay = _replay(fn, static_inputs, outputs, aliases, writes)
+        replay = _replay(fn, static_inputs, outputs, aliases, writes, program)
         kept = outputs + (writes.buffers if writes is not None else [])
         nbytes = tensor_nbytes(kept)
         self._held += nbytes
@@ -161,10 +163,32 @@ def _returned_inputs(graph: Any) -> set[int]:
             if not isinstance(o, torch.fx.Node) or o.op == "placeholder"}
 
 
+def _program(graph: torch.fx.GraphModule, writes: Writes | None, probe_inputs: list[Any],
+             static_inputs: list[Any]) -> Callable[..., Any] | None:
+    """The replay program (:mod:`~hpuopt.runtime.replay_program`) of an ATen graph run as is,
+    or of its rewrite writing outputs in place, its entry points chosen on the probe's inputs
+    (whose mutations are then undone, as after a warm-up run)."""
+    module = writes.module if writes is not None else graph
+    if probe_inputs is static_inputs and mutates_arguments(module):
+        return None  # the choosing run would apply the graph's writes to the static inputs
+    inputs = list(probe_inputs) + ([writes.buffers] if writes is not None else [])
+    program = replay_program(module, inputs)
+    restore_mutated(probe_inputs, static_inputs)
+    if program is None or writes is not None:
+        return program
+    if isinstance(output_node(graph).args[0], (tuple, list)):
+        return program
+    return lambda *a: [program(*a)]
+
+
 def _replay(fn: Callable[..., Sequence[Any]], static_inputs: list[Any], outputs: list[Any],
-            aliases: Sequence[Any], writes: Writes | None) -> Callable[[], None]:
-    """The replay: run the piece on the static inputs; the outputs it wrote in place need
-    nothing more, the others are copied into their buffers."""
+            aliases: Sequence[Any], writes: Writes | None,
+            program: Callable[..., Any] | None = None) -> Callable[[], None]:
+    """The replay: run the piece on the static inputs (through its replay program when it has
+    one); the outputs it wrote in place need nothing more, the others are copied into their
+    buffers."""
+    if program is not None and writes is None:
+        fn = program
     viewed = {alias.output for alias in aliases}
     written = set(writes.outputs) if writes is not None else set()
     slots = [i for i, o in enumerate(outputs)
@@ -174,7 +198,7 @@ def _replay(fn: Callable[..., Sequence[Any]], static_inputs: list[Any], outputs:
         return lambda: copy(fn(*static_inputs))
     every = sorted(set(slots) | written)
     copy_every = _copier([outputs[i] for i in every], every)
-    forward, buffers, single = writes.forward, writes.buffers, writes.single
+    forward, buffers, single = program or writes.forward, writes.buffers, writes.single
     current: list[Callable[[], None]] = []
 
     def in_place() -> None:

@@ -81,32 +81,58 @@ def layout_of(buf: torch.Tensor) -> Layout:
             buf.storage_offset(), buf.size(), buf.stride())
 
 
+Run = tuple[list[tuple[int, torch.Tensor]], torch.Size, tuple[int, ...], int, int]
+"""Outputs lent in one call: their (position, buffer tensor), the common size and strides, the
+first one's offset and the distance from one to the next (all in elements of their dtype)."""
+
 LoanPlan = list[tuple[torch.UntypedStorage, int, torch.device, int,
-                      list[tuple[torch.Tensor, list[tuple[int, torch.Tensor, int, torch.Size,
-                                                          tuple[int, ...]]]]]]]
+                      list[tuple[torch.Tensor, list[Run]]]]]
 """Per buffer storage: the storage, its address, device and size, and per dtype an empty tensor
-of it and the outputs over the storage (their position, the buffer tensor, offset, size and
-strides)."""
+of it and the runs of outputs over the storage."""
 
 
 def plan_loans(outputs: list[tuple[int, torch.Tensor]]) -> LoanPlan:
     """The lending of ``outputs`` (position, buffer) worked out once for every hand-out: grouped
-    by the storage they are over (one lent storage each, so aliasing outputs keep aliasing) and
-    by dtype (each output is a view of one tensor over the whole lent storage).
-
-    Views of one tensor share its version counter: a lent output is only ever seen by autograd
-    (saved activations, gradients it detaches as it accumulates them), never written in place
-    while another output of the same replay is checked against that counter."""
+    by the storage they are over (one lent storage each, so aliasing outputs keep aliasing), by
+    dtype (each output is an alias of one tensor over the whole lent storage), and into runs of
+    outputs alike (size and strides) at evenly spaced offsets, handed out by one ``unbind``
+    (the CPU runtime lays its buffers out that way: ``out_writer._arena``)."""
     groups: dict[int, tuple[torch.UntypedStorage, int, torch.device, int, dict]] = {}
     for i, buf in outputs:
         storage, ptr, nbytes, device, dtype, offset, size, stride = layout_of(buf)
         group = groups.setdefault(ptr, (storage, ptr, device, nbytes, {}))
-        by_dtype = group[4]
-        if dtype not in by_dtype:
-            by_dtype[dtype] = (torch.empty(0, dtype=dtype, device=device), [])
-        by_dtype[dtype][1].append((i, buf, offset, size, stride))
-    return [(storage, ptr, device, nbytes, list(by_dtype.values()))
+        group[4].setdefault(dtype, []).append((i, buf, offset, size, stride))
+    return [(storage, ptr, device, nbytes,
+             [(torch.empty(0, dtype=dtype, device=device), _runs(members))
+              for dtype, members in by_dtype.items()])
             for storage, ptr, device, nbytes, by_dtype in groups.values()]
+
+
+def _runs(members: list[tuple[int, torch.Tensor, int, torch.Size, tuple[int, ...]]]
+          ) -> list[Run]:
+    """``members`` split into maximal runs alike and evenly spaced (a run may be one)."""
+    alike: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    for i, buf, offset, size, stride in members:
+        alike.setdefault((tuple(size), stride), []).append((offset, i, buf))
+    runs: list[Run] = []
+    for (size, stride), placed in alike.items():
+        placed.sort(key=lambda p: p[0])
+        run = [placed[0]]
+        for item in placed[1:]:
+            step = run[1][0] - run[0][0] if len(run) > 1 else item[0] - run[0][0]
+            if item[0] - run[-1][0] == step:
+                run.append(item)
+                continue
+            runs.append(_run(run, size, stride))
+            run = [item]
+        runs.append(_run(run, size, stride))
+    return runs
+
+
+def _run(run: list[tuple[int, int, torch.Tensor]], size: tuple[int, ...],
+         stride: tuple[int, ...]) -> Run:
+    step = run[1][0] - run[0][0] if len(run) > 1 else 0
+    return [(i, buf) for _, i, buf in run], torch.Size(size), stride, run[0][0], step
 
 
 class Lender:
@@ -142,25 +168,33 @@ class Lender:
 
     def lend_planned(self, plan: LoanPlan, outs: list[Any]) -> int:
         """Lends the outputs ``plan`` names (:func:`plan_loans`) in place in ``outs``: one
-        storage per buffer storage, each output a view of it (one op per output). An output
-        that is not the planned buffer (a runtime that hands fresh tensors back) is lent by its
-        own layout. Returns how many were lent."""
+        storage per buffer storage, each run of outputs one call. An output that is not the
+        planned buffer (a runtime that hands fresh tensors back) is lent by its own layout.
+        Returns how many were lent.
+
+        The lent tensors are made below autograd's view tracking: each is a tensor of its own
+        over the lent storage (its own version counter, not a view autograd would detach
+        before saving it or refuse to let accumulate in place)."""
         lent = self._lent
         shared: dict[int, torch.UntypedStorage] = {}
         count = 0
-        for storage, ptr, device, nbytes, by_dtype in plan:
-            own = _construct(ptr, device, nbytes)  # type: ignore[misc]
-            own._hpuopt_lent = True  # type: ignore[attr-defined]  # see lent_storage
-            lent.append((weakref.ref(own), storage))
-            shared[ptr] = own
-            for empty, members in by_dtype:
-                flat = empty.new_empty(0).set_(own)
-                for i, buf, offset, size, stride in members:
-                    if outs[i] is buf:
-                        outs[i] = flat.as_strided(size, stride, offset)
-                    else:
-                        outs[i] = self.lend(outs[i], shared)
-                count += len(members)
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            for storage, ptr, device, nbytes, by_dtype in plan:
+                own = _construct(ptr, device, nbytes)  # type: ignore[misc]
+                own._hpuopt_lent = True  # type: ignore[attr-defined]  # see lent_storage
+                lent.append((weakref.ref(own), storage))
+                shared[ptr] = own
+                for empty, runs in by_dtype:
+                    flat = empty.new_empty(0).set_(own)
+                    for members, size, stride, offset, step in runs:
+                        if len(members) == 1:
+                            views: Any = (flat.as_strided(size, stride, offset),)
+                        else:
+                            views = flat.as_strided((len(members), *size), (step, *stride),
+                                                    offset).unbind(0)
+                        for (i, buf), view in zip(members, views):
+                            outs[i] = view if outs[i] is buf else self.lend(outs[i], shared)
+                        count += len(members)
         return count
 
     def protect(self) -> int:

@@ -132,6 +132,8 @@ class Writes:
     """Output position -> the static output: its buffer, or the view of it the output is."""
     single: bool
     """The graph returns one value, not a tuple."""
+    module: torch.fx.GraphModule
+    """The rewritten graph (:attr:`forward` is its forward)."""
 
 
 def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
@@ -184,7 +186,7 @@ def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
     graph.lint()
     writer = torch.fx.GraphModule(gm, graph)
     log.debug("%d of %d outputs written in place", len(placed), len(outs))
-    return probe, Writes(writer.forward, flat, placed, single)
+    return probe, Writes(writer.forward, flat, placed, single, writer)
 
 
 def _listed(value: Any, single: bool) -> list[Any]:
@@ -219,19 +221,27 @@ def _arena(results: dict[torch.fx.Node, tuple[torch.Tensor, ...]]) -> dict[torch
     """A buffer per result, laid out like it, all in one allocation per device: the graph's
     outputs then cross to autograd over one lent storage (one liveness test per replay)."""
     spans: dict[torch.device, int] = {}
-    placed: list[tuple[torch.fx.Node, torch.Tensor, int]] = []
-    for node, rs in results.items():
-        for r in rs:
-            start = spans.get(r.device, 0)
-            placed.append((node, r, start))
-            spans[r.device] = start + -(-_span_bytes(r) // _ALIGN) * _ALIGN
+    placed: list[tuple[torch.fx.Node, int, torch.Tensor, int]] = []
+    # results alike (dtype, shape, strides) side by side, evenly spaced: lending hands out a
+    # run of them in one call (:func:`~hpuopt.runtime.lending.plan_loans`)
+    every = sorted(((node, k, r) for node, rs in results.items() for k, r in enumerate(rs)),
+                   key=_alike)
+    for node, k, r in every:
+        start = spans.get(r.device, 0)
+        placed.append((node, k, r, start))
+        spans[r.device] = start + -(-_span_bytes(r) // _ALIGN) * _ALIGN
     storages = {dev: torch.UntypedStorage(max(n, 1), device=dev) for dev, n in spans.items()}
-    out: dict[torch.fx.Node, list[torch.Tensor]] = {node: [] for node in results}
-    for node, r, start in placed:
+    out: dict[torch.fx.Node, list[Any]] = {node: [None] * len(rs) for node, rs in results.items()}
+    for node, k, r, start in placed:
         buf = torch.empty(0, dtype=r.dtype, device=r.device)
         buf.set_(storages[r.device], start // r.element_size(), r.shape, r.stride())
-        out[node].append(buf)
+        out[node][k] = buf
     return out
+
+
+def _alike(item: tuple[torch.fx.Node, int, torch.Tensor]) -> tuple[str, str, tuple, tuple]:
+    r = item[2]
+    return (str(r.device), str(r.dtype), tuple(r.shape), tuple(r.stride()))
 
 
 def _span_bytes(t: torch.Tensor) -> int:
