@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import statistics
 import time
 from typing import Any
 
@@ -90,6 +91,56 @@ def bench_training(args: argparse.Namespace, model: torch.nn.Module) -> dict[str
     per_step = {k: delta[k] for k in ("static_copies", "output_clones", "outputs_lent",
                                       "lent_copies")}
     return {"timings": timings, "per_step": per_step}
+
+
+def bench_training_layers(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
+    """Where one hpugraph training step's runtime time goes, per graph (forward, backward):
+    the piece runners' calls, the replays inside them, and the difference (the runtime's own
+    bookkeeping: key, address check, lending, clones), medians over timed steps. Timers wrap
+    the runner's call and the CPU runtime's replay (``hpuopt.runtime.cpu._replay``), so this
+    row times a model of its own."""
+    from unittest import mock
+
+    from hpuopt.runtime import cpu as cpu_runtime
+    from hpuopt.runtime.runner import PieceRunner
+
+    calls: list[tuple[str, int]] = []
+    make_replay, runner_call = cpu_runtime._replay, PieceRunner.__call__
+
+    def timed_replay(*a: Any, **k: Any) -> Any:
+        replay = make_replay(*a, **k)
+
+        def run() -> None:
+            start = time.perf_counter_ns()
+            replay()
+            calls.append(("replay", time.perf_counter_ns() - start))
+        return run
+
+    def timed_call(self: PieceRunner, *a: Any) -> Any:
+        start = time.perf_counter_ns()
+        out = runner_call(self, *a)
+        calls.append(("runner", time.perf_counter_ns() - start))
+        return out
+
+    model.train()
+    x = torch.randn(args.batch, args.hidden)
+    with mock.patch.object(cpu_runtime, "_replay", timed_replay), \
+            mock.patch.object(PieceRunner, "__call__", timed_call):
+        fn = torch.compile(copy.deepcopy(model), backend="hpugraph")
+        steps = max(50, args.number)
+        for i in range(args.warmup + steps):
+            if i == args.warmup:
+                calls.clear()
+            for p in fn.parameters():
+                p.grad = None
+            fn(x).sum().backward()
+    out: dict[str, Any] = {}
+    for g, graph in enumerate(("forward", "backward")):  # one piece each: fw, bw alternate
+        runner = [t for kind, t in calls if kind == "runner"][g::2]
+        replay = [t for kind, t in calls if kind == "replay"][g::2]
+        r, p = statistics.median(runner) / 1e3, statistics.median(replay) / 1e3
+        out[graph] = {"runner_us": r, "replay_us": p, "bookkeeping_us": r - p}
+    return out
 
 
 def bench_breakdown(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
@@ -235,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             t["hpugraph"].cpu_median_s / a.cpu_median_s, "<=", GOAL, row="hpugraph",
             extra={"wall_ratio": t["hpugraph"].median_s / a.median_s})
         result["goal"]["verdicts"] += harness.report_goals([train_goal])
+        torch._dynamo.reset()
+        layers = bench_training_layers(args, model)
+        result["training_layers_us"] = layers
+        print("one hpugraph step, per graph (medians, us): " + "; ".join(
+            f"{g}: runner {v['runner_us']:.0f}, replay {v['replay_us']:.0f}, "
+            f"bookkeeping {v['bookkeeping_us']:.0f}" for g, v in layers.items()))
 
     if args.breakdown:
         torch._dynamo.reset()

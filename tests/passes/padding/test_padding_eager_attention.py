@@ -1,6 +1,6 @@
 """The padding analysis on transformers-style *eager* attention: ``softmax(q @ k^T * scale +
 mask) @ v`` written out, with an additive mask of ``torch.finfo(dtype).min`` (or ``-inf``) at
-masked keys.
+masked keys; and the same mask given to ``scaled_dot_product_attention`` (``sdpa`` cases).
 
 Safe verdicts run padded with random pad contents (NaN and infinities where the plan does not
 need zeros) and must equal the unpadded run. A ``finfo.min`` mask needs the plan's per-call
@@ -65,14 +65,24 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     return matmul4(w, v).transpose(1, 2).contiguous()
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   bias: torch.Tensor) -> torch.Tensor:
+    """transformers' ``sdpa_attention_forward`` given a float (additive) mask."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2).contiguous()
+
+
 def _inputs(b: int, s: int, seed: int, left: bool) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (rnd(b, 2, s, 4, gen=gen) for _ in range(3))
     return [q, k, v, key_padding_mask(b, s, gen, left=left)]
 
 
-def _traced(causal: bool, fill: float, softmax_dtype: Any = None) -> tuple[Any, Any]:
+def _traced(causal: bool, fill: float, softmax_dtype: Any = None,
+            sdpa: bool = False) -> tuple[Any, Any]:
     def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if sdpa:
+            return sdpa_attention(q, k, v, eager_mask(mask, causal, fill))
         return eager_attention(q, k, v, eager_mask(mask, causal, fill), softmax_dtype)
 
     return f, trace_dims(f, _inputs(3, 7, 0, False), DYN)
@@ -87,11 +97,16 @@ def _attends(plan: Any) -> list[tuple[str, str, int]]:
 # ------------------------------------------------------------------------------------------------
 
 
+SDPA = pytest.mark.parametrize("sdpa", [False, True], ids=["eager", "sdpa"])
+
+
+@SDPA
 @pytest.mark.parametrize("causal", [False, True], ids=["padding", "causal+padding"])
 @pytest.mark.parametrize("fill", [FINFO_MIN, -1e9, float("-inf")], ids=["finfo.min", "-1e9",
                                                                          "-inf"])
-def test_eager_attention_pads_batch_and_keys(causal: bool, fill: float) -> None:
-    _, gm = _traced(causal, fill)
+def test_eager_attention_pads_batch_and_keys(causal: bool, fill: float, sdpa: bool) -> None:
+    """transformers' eager attention, and its SDPA attention given an additive mask."""
+    _, gm = _traced(causal, fill, sdpa=sdpa)
     plan = analyze_padding(gm, DYN)
     assert plan.safe and plan.required_pad_value == 0.0, why(plan)
     assert {o.source.dim for o in plan.outputs} == {0, 2}
@@ -114,13 +129,13 @@ def test_softmax_in_float32_of_a_float64_sum_keeps_the_mask() -> None:
 @PROPERTY
 @given(b=st.integers(1, 4), s=st.integers(2, 9), causal=st.booleans(), left=st.booleans(),
        fill=st.sampled_from([FINFO_MIN, float("-inf")]), seed=st.integers(0, 10**6),
-       extras=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+       extras=st.tuples(st.integers(1, 6), st.integers(1, 6)), sdpa=st.booleans())
 def test_eager_attention_safe_verdicts_hold(b: int, s: int, causal: bool, left: bool,
                                             fill: float, seed: int,
-                                            extras: tuple[int, int]) -> None:
+                                            extras: tuple[int, int], sdpa: bool) -> None:
     """Whenever the plan is safe and its per-call check passes on the real inputs, the padded
     run equals the unpadded one; the check fails exactly when a real row is fully masked."""
-    _, gm = _traced(causal, fill)
+    _, gm = _traced(causal, fill, sdpa=sdpa)
     plan = analyze_padding(gm, DYN)
     assert plan.safe, why(plan)
     inputs = _inputs(b, s, seed, left)
@@ -137,10 +152,12 @@ def test_eager_attention_safe_verdicts_hold(b: int, s: int, causal: bool, left: 
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_fully_masked_real_row_fails_the_check_and_padding_it_would_change_the_row() -> None:
+@SDPA
+def test_a_fully_masked_real_row_fails_the_check_and_padding_it_would_change_the_row(
+        sdpa: bool) -> None:
     """Left padding with a causal mask masks every key of the pad tokens' query rows: with
     ``finfo.min`` such a row is uniform over the keys, and over more keys once padded."""
-    f, gm = _traced(True, FINFO_MIN)
+    f, gm = _traced(True, FINFO_MIN, sdpa=sdpa)
     plan = analyze_padding(gm, DYN)
     inputs = _inputs(2, 6, 3, left=True)
     inputs[3][0, :3] = False  # row 0: three pad tokens in front, so query rows 0..2 see nothing
@@ -148,18 +165,21 @@ def test_a_fully_masked_real_row_fails_the_check_and_padding_it_would_change_the
     assert "masks every key of a real query row" in failed
     (out,) = force_padded(gm, plan.padded, inputs, 3, zeros=True)
     assert _differs(out[:2, :6], f(*inputs))
-    # the same call with a -inf mask needs no check: its fully masked rows are NaN either way
-    _, gm_inf = _traced(True, float("-inf"))
+    # the same call with a -inf mask needs no check: its fully masked rows are NaN (or, in
+    # SDPA, zeros) either way
+    _, gm_inf = _traced(True, float("-inf"), sdpa=sdpa)
     plan_inf = analyze_padding(gm_inf, DYN)
     assert plan_inf.safe and not _attends(plan_inf), why(plan_inf)
     check_plan(gm_inf, plan_inf, inputs, (3, 3), seed=4)
 
 
-def test_a_mask_without_a_masking_value_in_the_key_pad_is_unsafe() -> None:
+@SDPA
+def test_a_mask_without_a_masking_value_in_the_key_pad_is_unsafe(sdpa: bool) -> None:
     """``where(mask, 0, -1.0)``: -1 is no masking value, so the pad keys take weight."""
-    f, gm = _traced(False, -1.0)
+    f, gm = _traced(False, -1.0, sdpa=sdpa)
     plan = analyze_padding(gm, DYN)
-    assert PadSource(3, 1) in rejected(plan) and "softmax" in why(plan), why(plan)
+    assert PadSource(3, 1) in rejected(plan), why(plan)
+    assert ("does not mask every pad key" if sdpa else "softmax") in why(plan), why(plan)
     inputs = _inputs(2, 5, 5, left=False)
     keys = [PadSource(1, 2), PadSource(2, 2), PadSource(3, 1)]
     (out,) = force_padded(gm, keys, inputs, 3, zeros=True)

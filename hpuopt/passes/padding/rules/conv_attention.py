@@ -27,6 +27,7 @@ from hpuopt.passes.padding.domain import (
     _Tensor,
     _Unsafe,
 )
+from hpuopt.passes.padding.rules.masked_softmax import ATTENDS
 
 
 def _batch_only(arg: str, independent: int, outputs: int = 1) -> RuleFn:
@@ -85,12 +86,15 @@ def _masks_pad_keys(op: _Op, name: str, q: _Tensor, k: _Tensor, v: _Tensor) -> b
     key = mask.dim(rank - 1)
     if key is None and k.dim(2) is None and v.dim(2) is None:
         return False  # padded along the batch or query only: no pad key to exclude
-    wanted = False if node_value(op.raw(name)).dtype == torch.bool else fills.NEG_INF
+    boolean = node_value(op.raw(name)).dtype == torch.bool
     value = fills.fill(mask, rank - 1)
     keys = {x for d in (key, k.dim(2), v.dim(2)) if d is not None for x in d.sources}
-    if value is None or key is None or (value == 0) != (wanted is False) or \
-            (wanted is not False and value != wanted):
-        if wanted is not False and value == 0 and op.an.want_mask_fill(op.raw(name)):
+    if boolean:
+        masks = value is not None and value == 0
+    else:
+        masks = value == fills.NEG_INF or fills.masking(value)
+    if value is None or key is None or not masks:
+        if not boolean and value == 0 and op.an.want_mask_fill(op.raw(name)):
             raise _Unsafe(f"attention {name} is an additive mask input: its pad must hold -inf",
                           keys)
         raise _Unsafe(f"attention {name} is padded but does not mask every pad key", keys)
@@ -103,6 +107,11 @@ def _masks_pad_keys(op: _Op, name: str, q: _Tensor, k: _Tensor, v: _Tensor) -> b
                           "finite in the pad (0 x NaN is NaN)", keys)
     op.an.tie_dims(kl, key)
     op.an.require_zero(f"attention masks the pad keys through {name}")
+    if not boolean and value != fills.NEG_INF:
+        # a finfo.min bias: the zero pad keys score 0, their weight underflows to exactly 0
+        # in every row that keeps a key unmasked; a fully masked row is uniform over all its
+        # keys, so each padded call checks that none is (as for eager attention's softmax)
+        op.an.require_check(op.raw(name), ATTENDS, rank - 1)
     return True
 
 
