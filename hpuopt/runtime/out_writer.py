@@ -27,8 +27,14 @@ Only what is proven safe is written in place; every other output is still copied
 * the graph mutates nothing but its own inputs (an op writing to a value the graph computed
   could write into a buffer).
 
-The first replay checks that every written output came back as a view of its buffer; if not, the
-graph goes back to copying (logged).
+* the rewrite, run once at capture on the probe's inputs (as they were before the probe, with
+  the probe's random state), gives every written output the probe's value: an ``out=`` overload
+  may compute something else (``binary_cross_entropy.out`` on the CPU does not reduce like
+  ``binary_cross_entropy``), and an output that is a lazy conjugate or negation of a result is
+  never taken for a view of its memory.
+
+The first replay checks again that every written output came back as a view of its buffer; if
+not, the graph goes back to copying (logged).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 import torch.fx
 
 from hpuopt.fx_utils import output_node
+from hpuopt.runtime.base import clone_exact
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +90,11 @@ def _is_view(node: torch.fx.Node) -> bool:
     return info is not None and not info.is_write and bool(node.args)
 
 
-def _mutates_computed(gm: torch.fx.GraphModule) -> bool:
-    """Whether an op of ``gm`` writes to something other than a placeholder (or a view of
-    one): such a graph is left to the copying replay."""
+def _written_inputs(gm: torch.fx.GraphModule) -> set[int] | None:
+    """The placeholders an op of ``gm`` writes (through views of them too); ``None`` when an op
+    writes something other than a placeholder: such a graph is left to the copying replay."""
+    index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    written: set[int] = set()
     for node in gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -97,8 +106,9 @@ def _mutates_computed(gm: torch.fx.GraphModule) -> bool:
             while isinstance(value, torch.fx.Node) and _is_view(value):
                 value = value.args[0]
             if not (isinstance(value, torch.fx.Node) and value.op == "placeholder"):
-                return True
-    return False
+                return None
+            written.add(index[value])
+    return written
 
 
 def _source(node: Any) -> tuple[torch.fx.Node, int] | None:
@@ -141,23 +151,25 @@ def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
                 skip: set[int]) -> tuple[list[Any], Writes | None]:
     """Runs ``gm`` on ``probe_inputs`` once (through ``run(thunk)``, the capture's probe) and
     returns its outputs, with the rewrite that writes them in place (``None`` when no output can
-    be). Outputs at ``skip`` (views of inputs) are left alone."""
+    be, or the rewrite run on the same inputs disagrees with the probe). Outputs at ``skip``
+    (views of inputs) are left alone."""
     result = output_node(gm).args[0]
     single = not isinstance(result, (tuple, list))
     outs = [result] if single else list(result)
     sources = {i: _source(o) for i, o in enumerate(outs) if i not in skip}
     sources = {i: s for i, s in sources.items() if s is not None}
     wanted = {node for node, _ in sources.values()}
-    if not wanted or _mutates_computed(gm):
+    written = _written_inputs(gm)
+    if not wanted or written is None:
         return _listed(run(lambda: gm(*probe_inputs)), single), None
     values: dict[torch.fx.Node, Any] = {}
+    before = [clone_exact(t) if i in written else t for i, t in enumerate(probe_inputs)]
+    rng = torch.get_rng_state()
     probe = _listed(run(lambda: _Recorder(gm, wanted, values).run(*probe_inputs)), single)
     inputs = {t.untyped_storage().data_ptr() for t in probe_inputs
               if isinstance(t, torch.Tensor) and t.layout == torch.strided}
-    results = {}
-    for node, value in values.items():
-        if _dense_results(value, inputs):
-            results[node] = _results(value)
+    results = {node: _results(value) for node, value in values.items()
+               if _dense_results(value, inputs)}
     buffers = _arena(results)
     placed: dict[int, torch.Tensor] = {}
     for i, (node, k) in sources.items():
@@ -168,13 +180,27 @@ def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
     used = {sources[i][0] for i in placed}
     if not used:
         return probe, None
+    writer, flat = _rewrite(gm, [n for n in gm.graph.nodes if n in used], buffers)
+    if not _agrees(writer, flat, before, rng, placed, probe, single):
+        return probe, None
+    log.debug("%d of %d outputs written in place", len(placed), len(outs))
+    return probe, Writes(writer.forward, flat, placed, single, writer)
+
+
+def _rewrite(gm: torch.fx.GraphModule, used: list[torch.fx.Node],
+             buffers: dict[torch.fx.Node, list[torch.Tensor]]
+             ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """``gm`` with the ``used`` ops calling their ``out=`` overloads on their buffers, taken
+    from a list passed as one more placeholder; and that list."""
     flat: list[torch.Tensor] = []
     graph = copy.deepcopy(gm.graph)
     old_to_new = dict(zip(gm.graph.nodes, graph.nodes))
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    where = (graph.inserting_after(placeholders[-1]) if placeholders
+             else graph.inserting_before(next(iter(graph.nodes))))
+    with where:
         holder = graph.placeholder("hpuopt_out_buffers")
-    for node in [n for n in gm.graph.nodes if n in used]:
+    for node in used:
         new = old_to_new[node]
         op, names = out_overload(node.target)
         kwargs = dict(new.kwargs)
@@ -184,9 +210,31 @@ def plan_writes(gm: torch.fx.GraphModule, probe_inputs: Sequence[Any],
                 flat.append(buf)
         new.target, new.kwargs = op, kwargs
     graph.lint()
-    writer = torch.fx.GraphModule(gm, graph)
-    log.debug("%d of %d outputs written in place", len(placed), len(outs))
-    return probe, Writes(writer.forward, flat, placed, single, writer)
+    return torch.fx.GraphModule(gm, graph), flat
+
+
+def _agrees(writer: torch.fx.GraphModule, flat: list[torch.Tensor], inputs: list[Any],
+            rng: torch.Tensor, placed: dict[int, torch.Tensor], probe: list[Any],
+            single: bool) -> bool:
+    """Whether the rewrite, run once on the probe's inputs as they were before it (and the same
+    random state), gives every written output the probe's value: an ``out=`` overload can
+    compute something else than its functional one (``binary_cross_entropy.out`` on the CPU
+    does not reduce like ``binary_cross_entropy``). The random state is left as the probe
+    left it."""
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    try:
+        _listed(writer.forward(*inputs, flat), single)
+        for i, static in placed.items():  # what a replay hands out: the buffer or its view
+            torch.testing.assert_close(static, probe[i], equal_nan=True)
+    except Exception as exc:  # noqa: BLE001 - the graph copies its outputs instead; logged
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log.info("the out= rewrite disagrees with the graph (%s: %s); this graph copies its "
+                 "outputs", type(exc).__name__, first)
+        return False
+    finally:
+        torch.set_rng_state(after)
+    return True
 
 
 def _listed(value: Any, single: bool) -> list[Any]:
@@ -255,6 +303,8 @@ def _as_view(out: Any, result: torch.Tensor, buf: torch.Tensor) -> torch.Tensor 
     """``out`` (a view of ``result``, or ``result``) as the same view of ``buf``."""
     if not isinstance(out, torch.Tensor) or out.dtype != result.dtype:
         return None
+    if out.is_conj() != result.is_conj() or out.is_neg() != result.is_neg():
+        return None  # a lazy conjugate or negation of the result is not a view of its memory
     if out.untyped_storage().data_ptr() != result.untyped_storage().data_ptr():
         return None
     if out is result or (out.shape == result.shape and out.stride() == result.stride()

@@ -115,20 +115,27 @@ def _bind(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[Callabl
 
     A binding qualifies when it dispatched exactly what the overload's own entry point
     dispatches: that overload, once, with the same arguments (a binding may fill in a default
-    that differs from the schema's). The bindings run first and the overload last, so what
-    they wrote into ``out=`` buffers is rewritten by the run whose result is kept."""
+    that differs from the schema's). A binding is tried with scratch tensors in place of the
+    ``out=`` buffers (a wrong overload could resize them), standing for them in the comparison;
+    the overload's own run, on the real buffers, gives the result."""
     entry = op._op
     if not _writes_only_out(op):  # trying a binding would apply the write twice
         return entry, entry(*args, **kwargs)
+    scratch = {k: torch.empty_like(v) for k, v in kwargs.items()
+               if isinstance(v, torch.Tensor) and _is_out(op, k)}
+    trial_kwargs = {**kwargs, **scratch}
+    stands_for = {id(t): kwargs[k] for k, t in scratch.items()}
     tried = []
     for binding in _candidates(op):
         mode = _Dispatched()
         try:
             with mode:
-                binding(*args, **kwargs)
+                binding(*args, **trial_kwargs)
         except Exception:  # noqa: BLE001, S112 - a binding that does not take these arguments
             continue
-        tried.append((binding, mode.calls))
+        calls = [(func, a, {k: stands_for.get(id(v), v) for k, v in kw.items()})
+                 for func, a, kw in mode.calls]
+        tried.append((binding, calls))
     reference = _Dispatched()
     with reference:
         value = entry(*args, **kwargs)
@@ -137,6 +144,12 @@ def _bind(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[Callabl
         if len(calls) == len(expected) == 1 and calls[0][0] is op and _same(calls, expected):
             return binding, value
     return entry, value
+
+
+def _is_out(op: torch._ops.OpOverload, name: str) -> bool:
+    """Whether ``name`` is a keyword-only argument ``op`` writes (an ``out=`` buffer)."""
+    return any(a.name == name and a.kwarg_only and a.alias_info is not None
+               and a.alias_info.is_write for a in op._schema.arguments)
 
 
 class _Chooser(torch.fx.Interpreter):

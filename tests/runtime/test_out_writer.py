@@ -125,9 +125,9 @@ def _raises(a, b, *, out):
 @pytest.mark.parametrize("bad", [_ignores_out, _raises], ids=["writes_elsewhere", "raises"])
 def test_an_out_op_that_fails_its_buffer_sends_the_graph_back_to_copying(monkeypatch, caplog,
                                                                           bad):
-    """The first replay checks that each written output came back as its buffer; an out=
-    overload that raises or returns other memory makes the graph copy its outputs for good,
-    and every replay, the first included, still answers right."""
+    """The capture's check run (and then the first replay) checks that each written output came
+    back as its buffer with the graph's value; an out= overload that raises or returns other
+    memory makes the graph copy its outputs for good, and every replay still answers right."""
     import hpuopt.runtime.out_writer as ow
 
     real = ow.out_overload.__wrapped__
@@ -137,8 +137,8 @@ def test_an_out_op_that_fails_its_buffer_sends_the_graph_back_to_copying(monkeyp
     def f(a, b):
         return (torch.mm(a, b), a.exp())
 
-    _, graph, static = _capture(f, [torch.randn(3, 4), torch.randn(4, 5)])
-    with caplog.at_level(logging.INFO, logger="hpuopt.runtime.cpu"):
+    with caplog.at_level(logging.INFO, logger="hpuopt.runtime"):
+        _, graph, static = _capture(f, [torch.randn(3, 4), torch.randn(4, 5)])
         _replays_like_eager(f, graph, static, [[torch.randn(3, 4), torch.randn(4, 5)]
                                                 for _ in range(3)])
     assert "copies its outputs" in caplog.text
@@ -159,3 +159,47 @@ def test_dropout_draws_a_new_mask_each_replay(check_capture):
         torch.testing.assert_close(out[kept], static[0][kept] * 6)
         masks.append(kept.clone())
     assert not torch.equal(masks[0], masks[1])
+
+
+def _bce(a, b):
+    return (torch.nn.functional.binary_cross_entropy(a, b), a * 2)
+
+
+def _ifft(x):
+    return (torch.fft.ifft(x, dim=-1), x.exp())  # ifft of a real input: a lazy _conj of r2c
+
+
+@pytest.mark.parametrize("fn, make", [
+    (_bce, lambda: [torch.rand(5, 5).clamp(0.05, 0.95), torch.rand(5, 5)]),
+    (_ifft, lambda: [torch.randn(3, 4, 5)]),
+], ids=["bce_out_does_not_reduce", "lazy_conj_output"])
+def test_outputs_an_out_overload_would_get_wrong_are_not_written_in_place(fn, make, caplog):
+    """``binary_cross_entropy.out`` on the CPU does not reduce as ``binary_cross_entropy`` does,
+    and an output that is a lazy conjugate of an op's result is not that result's memory: the
+    capture's check run catches the first, the view rule the second; replays equal eager."""
+    with caplog.at_level(logging.INFO, logger="hpuopt.runtime.out_writer"):
+        _, graph, static = _capture(fn, make())
+    _replays_like_eager(fn, graph, static, [make() for _ in range(3)])
+    if fn is _bce:
+        assert "disagrees with the graph" in caplog.text
+
+
+def test_a_graph_without_inputs_is_written_in_place():
+    def f():
+        return (torch.signal.windows.hann(7) * 2, torch.arange(5.0).exp())
+
+    _, graph, static = _capture(f, [])
+    _replays_like_eager(f, graph, static, [[], []])
+
+
+def test_random_ops_pass_the_check_run(caplog):
+    """The check run draws the same random numbers as the probe did, so a dropout graph is still
+    written in place (and the random state advances as for one run)."""
+    def f(x):
+        return (torch.nn.functional.dropout(x, 0.5, training=True) * 3, x.sum(0))
+
+    x = torch.rand(64) + 1.0
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="hpuopt.runtime.out_writer"):
+        _capture(f, [x])
+    assert "disagrees" not in caplog.text
