@@ -129,7 +129,7 @@ def output_why(k: int, state: _Tensor) -> str:
             INVERSE: "holds the inverse permutation of", COUNTS: "holds the counts of",
             OFFSETS: "holds the group offsets of"}.get(f.kind, "holds positions of the padded "
                                                      "run, like")
-    return (f"output {k} {what} {_name(f)}: the padded run's order and counts mix pad pairs with "
+    return (f"output {k} {what} {_name(f)}: the padded run's order and counts mix pad rows with "
             "real ones, so no slice cuts it back")
 
 
@@ -139,7 +139,7 @@ def why_not(op: _Op, facts: list[Fact]) -> str:
     f = facts[0][2].perm
     assert f is not None
     if f.kind == ROWS:
-        return (f"{name} on rows in the order of {_name(f)} (pad pairs among real ones): only "
+        return (f"{name} on rows in the order of {_name(f)} (pad rows among real ones): only "
                 "row-wise ops, the grouped matmul over offsets of the same sort and the gather "
                 "by its inverse permutation keep track of them")
     if f.kind in (INDEX, INVERSE):
@@ -151,9 +151,9 @@ def why_not(op: _Op, facts: list[Fact]) -> str:
         return (f"{name} reads arange over a product of padded sizes (or a merged padded dim's "
                 "extent), whose values are positions in the padded run, not the real run's: only "
                 "an inverse permutation's build (inv[perm] = arange) may read them")
-    return (f"{name} reads the per-group counts of {_name(f)}'s sorted ids, which count the pad "
-            "pairs too: only their cumulative sum and the grouped matmul over the same sort's "
-            "rows are understood")
+    return (f"{name} reads the per-group counts of the ids sorted by {_name(f)}, which count "
+            "the pad rows too: only their cumulative sum and the grouped matmul over the same "
+            "sort's rows are understood")
 
 
 @contextlib.contextmanager

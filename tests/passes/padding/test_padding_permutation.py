@@ -368,3 +368,24 @@ def test_ids_changed_in_place_before_counting_are_refused() -> None:
         return back(out[inverse(perm)], h)
 
     _refused(f, _inputs(), "in-place write", pad=0, mode="dynamic_batch")
+
+
+def test_counts_read_as_values_are_refused() -> None:
+    """The per-expert counts include the pad pairs: as an output, or reduced, they would show
+    the bucket's pairs, not the real ones."""
+
+    def counted(h, router):
+        _flat, _weights, ids = route(h, router)
+        ids_g, _perm = torch.sort(ids)
+        return torch.histc(ids_g.float(), bins=E, min=0, max=E - 1)
+
+    def last_offset(h, router):
+        _flat, weights, ids = route(h, router)
+        ids_g, _perm = torch.sort(ids)
+        return weights.view(h.shape[0], h.shape[1], K) * offsets_of(ids_g)[-1]
+
+    # (a dynamic batch alone: the router's expert count is then a constant, as in a model)
+    gm = _refused(counted, _inputs()[:2], "output 0 holds the counts", pad=0, mode="dynamic_batch")
+    assert _padded_anyway(gm, _inputs()[:2])
+    _refused(last_offset, _inputs()[:2], "select reads the per-group counts", pad=0,
+             mode="dynamic_batch")
