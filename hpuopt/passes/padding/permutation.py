@@ -68,7 +68,7 @@ from hpuopt.passes.padding.domain import (
     _Tensor,
     _Unsafe,
 )
-from hpuopt.passes.padding.index_facts import _holds_positions
+from hpuopt.passes.padding.index_facts import _holds_positions, shifted_length
 from hpuopt.passes.padding.rules.indexing import _SAME_VALUES, _positions_within
 
 aten = torch.ops.aten
@@ -201,6 +201,10 @@ def _positions(op: _Op) -> Any:
             (end.exact is None or end.exact.parts is not None)) or \
             op.raw("start") not in (None, 0) or op.raw("step") not in (None, 1):
         return None
+    if end.exact is None:
+        length = shifted_length(op)  # a function of one padded size equal to it: that size
+        if length is not None and length.parts is None:
+            return None
     sources = frozenset(end.deps)
     return _Tensor((_Dim(min(sources)),), FINITE, perm=_Perm(POSITIONS, None, 0, None, sources))
 
