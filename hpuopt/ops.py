@@ -6,7 +6,7 @@ and the runtimes (while capturing) agree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,31 @@ DATA_DEPENDENT_OPS: frozenset[Any] = frozenset(
 """Ops whose output size depends on data, or that synchronise to learn it."""
 
 UNCAPTURABLE_OPS: frozenset[Any] = HOST_READ_OPS | DATA_DEPENDENT_OPS
-"""Ops a device graph can never hold, whatever their metadata says."""
+"""Ops a device graph cannot hold, whatever their metadata says (``histc`` only when its
+arguments leave the range to the data: see :func:`uncapturable`)."""
+
+
+def histc_fixed_range(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``histc(input, bins=100, min=0, max=0)`` is called with a fixed range, ``min <
+    max`` as numbers: its output is ``bins`` counts whatever the data, and the kernel never
+    looks at the data to choose its range. With ``min == max`` (the default) it computes the
+    range from the data's minimum and maximum, a host read on a device (CUDA's kernel copies
+    them back); a range given as a traced value cannot be judged and counts as that."""
+    kwargs = kwargs or {}
+    lo = args[2] if len(args) > 2 else kwargs.get("min", 0)
+    hi = args[3] if len(args) > 3 else kwargs.get("max", 0)
+    numbers = (int, float)
+    return isinstance(lo, numbers) and isinstance(hi, numbers) and \
+        not isinstance(lo, bool) and not isinstance(hi, bool) and lo < hi
+
+
+def uncapturable(packet: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+                 ) -> bool:
+    """Whether a call of ``packet`` (an overload packet) with these arguments is one of
+    :data:`UNCAPTURABLE_OPS`, judged by its arguments where they decide (``histc``)."""
+    if packet not in UNCAPTURABLE_OPS:
+        return False
+    return not (packet is aten.histc and histc_fixed_range(args, kwargs))
 
 CHECK_OPS: frozenset[Any] = frozenset(
     {aten._assert_scalar, aten._assert_async, aten.sym_constrain_range,
@@ -108,14 +132,15 @@ def capture_unsafe_reason(target: Any, args: Sequence[Any], val: Any) -> tuple[s
     return None
 
 
-def host_sync_reason(func: Any, args: Sequence[Any]) -> str | None:
+def host_sync_reason(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
+                     ) -> str | None:
     """Why running ``func(*args)`` inside a device graph is impossible, or ``None``.
 
     Used while capturing: an op that reads a device value back to the host, or whose output
     size depends on data (``index`` with a boolean mask calls ``nonzero`` internally).
     """
     packet = func.overloadpacket
-    if packet in UNCAPTURABLE_OPS:
+    if uncapturable(packet, args, kwargs):
         return f"{func} synchronises with the host"
     if packet in MASK_INDEX_OPS and is_bool_index(args[1] if len(args) > 1 else ()):
         return f"{func} with a boolean mask has a data-dependent size"

@@ -63,7 +63,7 @@ def short_op(op: str) -> str:
 
 def _packet(op: str) -> str:
     """``aten.index.Tensor`` -> ``index``; a custom op keeps its namespace."""
-    name = op[len("aten."):] if op.startswith("aten.") else op
+    name = op.removeprefix("aten.")
     return name.split(".")[0]
 
 
@@ -77,7 +77,8 @@ _DATA_DEPENDENT = {
     "unique_dim": "`unique(dim=...)`: the number of distinct rows depends on the data",
     "unique_consecutive": "`unique_consecutive()`: the output size depends on the data",
     "bincount": "`bincount()`: its length is the largest value plus one",
-    "histc": "`histc()` reads its range from the data",
+    "histc": "`histc()` without a range (`min == max`, the default) reads its range from the "
+    "data",
     "repeat_interleave": "`repeat_interleave` with tensor repeats: the output size is their sum",
 }
 
@@ -160,8 +161,8 @@ def describe_fallback(reason: str) -> tuple[str, str]:
     if "above the largest bucket" in low:
         return (
             "an input size above the largest bucket runs uncaptured (above_largest=\"uncaptured\")",
-            "raise max_bucket or add a larger entry to bucket_sizes, "
-            "or set above_largest=\"exact\"",
+            ("raise max_bucket or add a larger entry to bucket_sizes, "
+             "or set above_largest=\"exact\""),
         )
     if "out of memory" in low:
         return (
@@ -176,8 +177,8 @@ def describe_fallback(reason: str) -> tuple[str, str]:
     what = reason.replace("cannot run inside a device graph: ", "")
     return (
         f"capture failed: {what}",
-        f"rewrite without the host dependency, or split the op out with dynamic_ops=[{name}] "
-        f"(the split pass must be on) so the rest of the piece is captured",
+        (f"rewrite without the host dependency, or split the op out with dynamic_ops=[{name}] "
+         "(the split pass must be on) so the rest of the piece is captured"),
     )
 
 

@@ -22,7 +22,9 @@ What it finds
     ``collective``                a collective (``_c10d_functional``, ``c10d``): it must run
                                   exactly once per call, in step with the other ranks, so the
                                   warm-up and capture runs of a piece may not repeat it
-    ``known_uncapturable``        in :data:`hpuopt.ops.UNCAPTURABLE_OPS` or the user's ``dynamic_ops``
+    ``known_uncapturable``        in :data:`hpuopt.ops.UNCAPTURABLE_OPS` (judged by its arguments
+                                  where they decide: ``histc`` with ``min < max`` is captured) or
+                                  the user's ``dynamic_ops``
     ============================  ===========================================================
 
 What it changes
@@ -61,10 +63,10 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.split_module import split_module
 
-from hpuopt.config import Config
-from hpuopt.passes.base import GraphPass, PassResult
 from hpuopt import ops
+from hpuopt.config import Config
 from hpuopt.fx_utils import graph_device, op_name, source_line
+from hpuopt.passes.base import GraphPass, PassResult
 from hpuopt.records import PieceInfo, SplitCategory, SplitReason
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ def _classify_node(
     if node.meta.get("unbacked_bindings"):
         syms = ", ".join(sorted(str(s) for s in node.meta["unbacked_bindings"]))
         return "data_dependent_shape", f"output size or value depends on data ({syms})"
-    if packet in ops.UNCAPTURABLE_OPS:
+    if ops.uncapturable(packet, node.args, node.kwargs):
         return "known_uncapturable", "op cannot be held by a device graph"
     if packet in ops.MASK_INDEX_OPS and _has_bool_index(node):
         return "data_dependent_shape", "indexing with a boolean mask finds its rows on the host"

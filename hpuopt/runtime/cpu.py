@@ -55,7 +55,7 @@ class _CaptureCheckMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         if isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **(kwargs or {}))
-        reason = host_sync_reason(func, args)
+        reason = host_sync_reason(func, args, kwargs)
         if reason is not None:
             raise CaptureError(f"cannot run inside a device graph: {reason}")
         return func(*args, **(kwargs or {}))

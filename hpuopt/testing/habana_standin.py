@@ -106,7 +106,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         hop = isinstance(func, torch._ops.HigherOrderOperator)
-        reason = None if hop else host_sync_reason(func, args)
+        reason = None if hop else host_sync_reason(func, args, kwargs)
         if reason is not None:
             raise StandinError(
                 f"not capturable in an HPU Graph: {reason} (docs.habana.ai, HPU Graphs for "

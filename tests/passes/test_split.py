@@ -3,6 +3,7 @@ reasons, convexity and the order of side effects."""
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import pytest
@@ -268,7 +269,7 @@ def test_assert_only_piece_survives_cleanup(dynamic_op_flags):
     torch.compile(f, backend=backend)(torch.randn(3, 4)).sum().backward()
     (bwd,) = backend.graphs("post_aot", kind="backward")
     nodes = list(bwd.after.graph.nodes)
-    for a, b in zip(nodes, nodes[1:]):  # no two boundaries back to back
+    for a, b in itertools.pairwise(nodes):  # no two boundaries back to back
         assert not (a.target is mark_step and b.target is mark_step), bwd.after.code
 
 
@@ -312,3 +313,49 @@ def test_one_piece_split_is_split_module_without_its_cost(outputs):
                 assert g_ is None
             else:
                 torch.testing.assert_close(g_, w_)
+
+
+def test_histc_is_judged_by_its_range():
+    """``histc`` with ``min < max`` counts into fixed bins (transformers' grouped experts count
+    the tokens per expert so): static. Without a range (``min == max``, the default) the kernel
+    reads the data's minimum and maximum: split out, with the reason."""
+
+    def ranged(x):
+        return torch.histc(x.sin(), bins=4, min=-1, max=1).cumsum(0)
+
+    def unranged(x):
+        return torch.histc(x.sin(), bins=4).cumsum(0)
+
+    def equal_bounds(x):
+        return torch.histc(x.sin(), bins=4, min=0.5, max=0.5) * 2
+
+    x = torch.randn(3, 8)
+    gm = aten_graph(ranged, x)
+    assert classify(gm) == {}
+    result = _run_split(gm)
+    assert [p.static for p in result.findings] == [True]
+    torch.testing.assert_close(result.graph_module(x), ranged(x))
+    for f in (unranged, equal_bounds):
+        gm = aten_graph(f, x)
+        (reason,) = classify(gm).values()
+        assert (reason.op, reason.reason) == ("aten.histc.default", "known_uncapturable")
+        assert [p.static for p in _run_split(gm).findings] == [True, False, True]
+
+
+def test_captured_histc_with_a_range_replays(dynamic_op_flags):
+    """The runtime agrees with the split: a ranged ``histc`` is captured and replayed, the
+    counts following the data on every replay."""
+    from hpuopt.testing import RecordingBackend
+
+    def f(x):
+        return torch.histc(x * 2, bins=5, min=0, max=4) + 1
+
+    backend = RecordingBackend()
+    compiled = torch.compile(f, backend=backend, dynamic=False)
+    for seed in range(3):
+        x = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(seed)).float()
+        torch.testing.assert_close(compiled(x), f(x))
+    (snap,) = backend.graphs("post_aot")
+    assert [p.static for p in snap.result.results["split"].findings] == [True]
+    pieces = [p for g in backend.explain().graphs for a in g.aot_graphs for p in a.pieces]
+    assert [(p.captured, p.replays) for p in pieces] == [(True, 3)]

@@ -14,7 +14,9 @@ What the analysis proves, its domain, the rules per op family and its guarantees
 ``docs/padding.md``. The modules: ``domain`` (abstract states), ``binding`` (an op's arguments
 by schema name), ``rules/`` (transfer rules and table rows per op family), ``table`` (the rows
 assembled), ``engine`` (the walk), ``driver`` (proposals, repeated walks, the plan),
-``index_facts`` and ``fills`` (facts carried beside the rules), ``analysis_pass`` (the pass).
+``index_facts`` and ``fills`` (facts carried beside the rules), ``permutation`` and
+``permuted_rows`` (a padded dim sorted, computed on in sort order and put back), ``analysis_pass``
+(the pass).
 """
 
 from hpuopt.passes.padding.analysis_pass import PaddingAnalysisPass

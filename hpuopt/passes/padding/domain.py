@@ -52,6 +52,27 @@ class _Dim:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class _Perm:
+    """A permutation fact (``permutation.py``): what a tensor holds in terms of the permutation
+    a ``sort`` (``key``) made of a padded dim whose unpermuted state is ``base``.
+
+    ``kind`` is one of ``permutation.KINDS``: rows in the sort's order (``rows``), the
+    permutation itself divided by ``div`` (``index``), its inverse (``inverse``), positions
+    ``0 … n - 1`` over a product of padded sizes (``positions``), or per-group counts and
+    offsets of the sorted ids (``counts``, ``offsets``). ``dim`` is the tensor's dim the fact
+    is about (``None`` for counts and offsets, which have no padded dim but values that differ
+    between the runs); ``sources`` are the pad sources it depends on."""
+
+    kind: str
+    key: Any  # the sort node (torch.fx.Node); None for positions
+    dim: int | None
+    base: _Dim | None
+    sources: frozenset[PadSource]
+    div: int = 1
+    ascending: bool = True  # the key sorts ascending (what offsets line up with)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Tensor:
     dims: tuple[_Dim | None, ...] | None  # None: no padded dim (rank possibly unknown)
     pad: int = ANY
@@ -61,6 +82,10 @@ class _Tensor:
     fills: tuple[tuple[int, Any], ...] = ()
     """Fill facts ``(dim, value)``: wherever the index along ``dim`` is pad, the value is
     ``value`` (0, 1 or -inf), whatever the other indices (``fills.py``)."""
+    perm: _Perm | None = None
+    """A permutation fact (``permutation.py``). Every op with such an operand goes to the
+    permutation module first, which refuses what it does not understand: no other rule ever
+    sees one."""
 
     @property
     def padded(self) -> bool:
@@ -91,8 +116,11 @@ class _Unsafe(Exception):
 
 
 def _state_sources(state: Any) -> Iterator[PadSource]:
-    if isinstance(state, _Tensor) and state.dims is not None:
-        yield from (s for d in state.dims if d is not None for s in d.sources)
+    if isinstance(state, _Tensor):
+        if state.dims is not None:
+            yield from (s for d in state.dims if d is not None for s in d.sources)
+        if state.perm is not None:
+            yield from state.perm.sources
     elif isinstance(state, _Sym):
         yield from state.deps
     elif isinstance(state, (tuple, list)):

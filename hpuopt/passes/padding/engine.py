@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from hpuopt.fx_utils import MISSING, node_value, op_name, packet_name, source_line
-from hpuopt.passes.padding import fills, index_facts
+from hpuopt.passes.padding import fills, index_facts, permutation
 from hpuopt.passes.padding.binding import _mutated_args, _Op, _Rule
 from hpuopt.passes.padding.domain import (
     _POISON,
@@ -300,7 +300,7 @@ class _Analysis:
 
     def _python_call(self, node: torch.fx.Node, args: list[Any]) -> Any:
         """Python arithmetic on sizes (``operator.mul``, ``sym_max``...): propagate dependence."""
-        if any(isinstance(a, _Tensor) and a.padded for a in args):
+        if any(isinstance(a, _Tensor) and (a.padded or a.perm is not None) for a in args):
             raise _Unsafe("unknown op on a padded tensor")
         deps = frozenset(s for a in args for s in _state_sources(a))
         return _Sym(deps) if deps else (_Sym() if _is_sym(node) else _UNPADDED)
@@ -315,17 +315,21 @@ class _Analysis:
                 return index_facts.propagate(node, self.states, self._unpadded_result(node))
             return self._unpadded_result(node)
         op = _Op(self, node)
-        self._check_merged(op)
+        result = permutation.transfer(op, self._own_rule)  # sorts and what they permute
         self._check_mutation(op)
-        rule = _table_rule(target)
-        self._check_value_uses(op, rule.size_args if rule else frozenset())
-        if rule is None:
-            rule = _tagged_rule(target)
-        result = index_facts.propagate(node, self.states, rule.fn(op))
-        result = fills.propagate(node, self.states, result)
+        if result is None:
+            result = index_facts.propagate(node, self.states, self._own_rule(op))
+            result = fills.propagate(node, self.states, result)
         self._check_extents(node, result)
         self._write_back(op, result)
         return result
+
+    def _own_rule(self, op: _Op) -> Any:
+        """The op's rule after the checks every op gets (merged dims, sizes read as values)."""
+        self._check_merged(op)
+        rule = _table_rule(op.target)
+        self._check_value_uses(op, rule.size_args if rule else frozenset())
+        return (rule if rule is not None else _tagged_rule(op.target)).fn(op)
 
     def _write_back(self, op: _Op, result: Any) -> None:
         """An in-place op's result becomes the state of the tensor it wrote to."""
@@ -352,6 +356,8 @@ class _Analysis:
             d = base.dim(node.args[1] % rank)
             if d is None:
                 return _Sym()
+            if permutation.positions_only(base):  # arange over a product of padded sizes
+                return _Sym(frozenset(_state_sources(base)))
             return _Sym(frozenset({d.source}), d)
         return _Sym(frozenset(_state_sources(base)))
 
@@ -449,6 +455,8 @@ class _Analysis:
                 continue
             if isinstance(st, _Sym) and st.deps:
                 raise _Unsafe(f"output {k} is a size that depends on the padded extent", st.deps)
+            if isinstance(st, _Tensor) and st.perm is not None:
+                raise _Unsafe(permutation.output_why(k, st), set(_state_sources(st)))
             if not isinstance(st, _Tensor) or not st.padded:
                 continue
             for d, dim in enumerate(st.dims or ()):
@@ -492,7 +500,8 @@ def _merged_ok() -> frozenset[str]:
         "_unsafe_view", "reshape", "unsqueeze", "squeeze", "permute", "transpose", "t",
         "expand", "clone", "_to_copy", "alias", "detach", "contiguous", "lift_fresh_copy",
         "_assert_tensor_metadata", "_reshape_alias", "view_copy", "unsqueeze_copy",
-        "squeeze_copy", "permute_copy", "expand_copy", "transpose_copy",
+        "squeeze_copy", "permute_copy", "expand_copy", "transpose_copy", "empty_like",
+        "zeros_like", "ones_like", "full_like",
     })
 
 
