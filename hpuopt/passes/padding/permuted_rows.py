@@ -30,7 +30,7 @@ import torch.fx
 from hpuopt.passes.padding.binding import _Op
 from hpuopt.passes.padding.domain import _same, _same_dim, _Tensor, _Unsafe
 from hpuopt.passes.padding.rules import pointwise, positive
-from hpuopt.passes.padding.rules.views import _group_dims
+from hpuopt.passes.padding.rules.views import _group_dims, dim_order
 from hpuopt.passes.padding.table import _lookup
 
 if TYPE_CHECKING:
@@ -167,15 +167,7 @@ def _reshape_dest(op: _Op, name: str, p: int) -> int | None:
 
 
 def _shuffle_dest(op: _Op, p: int, rank: int) -> int | None:
-    if _packet(op) in ("t", "t_copy"):
-        return rank - 1 - p
-    if "dims" in op.values:
-        order = [d % rank for d in op.raw("dims")]
-    else:
-        order = list(range(rank))
-        a, b = op.dim_arg("dim0", rank), op.dim_arg("dim1", rank)
-        order[a], order[b] = order[b], order[a]
-    return order.index(p)
+    return dim_order(op, rank).index(p)
 
 
 def _reduction_dest(op: _Op, p: int, rank: int) -> int | None:

@@ -192,17 +192,21 @@ def _view_dtype(op: _Op) -> _Tensor:
     return _Tensor(st.dims, ANY)
 
 
+def dim_order(op: _Op, rank: int) -> list[int]:
+    """The input dim each output dim of a ``t``, ``permute`` or ``transpose`` comes from."""
+    if op.schema.name.split("::")[-1] in ("t", "t_copy"):
+        return list(range(rank))[::-1]
+    if "dims" in op.values:
+        return [d % rank for d in op.raw("dims")]
+    order = list(range(rank))
+    a, b = op.dim_arg("dim0", rank), op.dim_arg("dim1", rank)
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
 def _permute(op: _Op) -> _Tensor:
     st = op.tensor("self")
-    rank = op.rank("self")
-    if op.target in (aten.t.default,):
-        order = list(range(rank))[::-1]
-    elif "dims" in op.values:
-        order = [d % rank for d in op.raw("dims")]
-    else:
-        order = list(range(rank))
-        a, b = op.dim_arg("dim0", rank), op.dim_arg("dim1", rank)
-        order[a], order[b] = order[b], order[a]
+    order = dim_order(op, op.rank("self"))
     return _Tensor(tuple(st.dim(i) for i in order), st.pad)
 
 
