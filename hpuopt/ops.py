@@ -35,6 +35,27 @@ DATA_DEPENDENT_OPS: frozenset[Any] = frozenset(
 )
 """Ops whose output size depends on data, or that synchronise to learn it."""
 
+HIDDEN_HOST_READS: dict[str, str] = {
+    "transformers::grouped_mm_fallback":
+        "transformers' grouped matmul fallback reads its group offsets on the host "
+        "(`offs.tolist()`), which its schema does not show; transformers takes it when torch's "
+        "grouped matmul cannot (weights not in bfloat16, an older GPU)",
+    "transformers::grouped_mm_fallback_backward":
+        "the backward of transformers' grouped matmul fallback reads its group offsets on the "
+        "host (`offs.tolist()`)",
+}
+"""Custom ops whose implementation reads a device value on the host, by their schema name: on a
+device they are host reads (a capture would fail, and the offsets would be frozen if it did not);
+in a graph on the CPU nothing crosses a device boundary and they stay in static pieces."""
+
+
+def hidden_host_read(target: Any) -> str | None:
+    """Why ``target`` reads a device value on the host inside its implementation, or ``None``
+    (:data:`HIDDEN_HOST_READS`)."""
+    schema = getattr(target, "_schema", None)
+    return HIDDEN_HOST_READS.get(schema.name) if schema is not None else None
+
+
 UNCAPTURABLE_OPS: frozenset[Any] = HOST_READ_OPS | DATA_DEPENDENT_OPS
 """Ops a device graph cannot hold, whatever their metadata says (``histc`` only when its
 arguments leave the range to the data: see :func:`uncapturable`)."""

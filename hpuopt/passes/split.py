@@ -126,6 +126,9 @@ def _classify_node(
         return "known_uncapturable", "listed in the config's dynamic_ops"
     if packet in ops.HOST_READ_OPS:
         return "host_read", "reads a device value back to the host"
+    hidden = ops.hidden_host_read(target) if main_device is not None else None
+    if hidden is not None:
+        return "host_read", hidden
     if getattr(target, "namespace", None) in ops.COLLECTIVE_NAMESPACES:
         return "collective", "a collective runs once per call, in step with the other ranks"
     if node.meta.get("unbacked_bindings"):

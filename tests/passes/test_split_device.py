@@ -95,3 +95,27 @@ def test_ops_tagged_cudagraph_unsafe_are_split_out():
     found = reasons_by_op(gm)
     assert found == {str(op): "known_uncapturable"}
     assert str(op) not in static_ops(gm)
+
+
+def test_transformers_grouped_mm_fallback_is_a_host_read_on_a_device_only():
+    """transformers' grouped matmul fallback calls ``offs.tolist()`` inside the custom op: on a
+    CUDA graph that is a host read (split out); on the CPU it stays in a static piece."""
+    pytest.importorskip("transformers.integrations.moe")
+    grouped = torch.ops.transformers.grouped_mm_fallback
+
+    def f(x, w, offs):
+        return grouped(x.relu(), w, offs=offs) * 2
+
+    shapes = ((6, 4), (3, 4, 5), (3,))
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        inputs = [torch.empty(shapes[0], device="cuda"), torch.empty(shapes[1], device="cuda"),
+                  torch.empty(shapes[2], device="cuda", dtype=torch.int32)]
+    gm = make_fx(f, tracing_mode="fake")(*inputs)
+    (found,) = [r for r in classify(gm).values() if "grouped_mm_fallback" in r.op]
+    assert found.reason == "host_read" and "offs.tolist()" in found.detail
+    assert {"aten.relu", "aten.mul"} <= {".".join(op.split(".")[:2]) for op in static_ops(gm)}
+
+    x, w = torch.randn(6, 4), torch.randn(3, 4, 5)
+    offs = torch.tensor([2, 5, 6], dtype=torch.int32)
+    cpu = make_fx(f)(x, w, offs)
+    assert not any("grouped_mm_fallback" in op for op in reasons_by_op(cpu))
