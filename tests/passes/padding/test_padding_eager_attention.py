@@ -209,3 +209,60 @@ def test_values_that_may_be_nan_in_the_pad_are_unsafe() -> None:
     gm = trace_dims(f, _inputs(3, 7, 0, False), DYN)
     plan = analyze_padding(gm, DYN)
     assert PadSource(2, 2) in rejected(plan), why(plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# log_softmax over the masked key dim
+# ------------------------------------------------------------------------------------------------
+
+
+LOG_DYN = {0: [0, 2], 1: [0, 2], 2: [0, 1]}  # q, k: [B, H, S, D]; mask: [B, S]
+
+
+def _qk_mask(b: int, s: int, seed: int, left: bool) -> list[torch.Tensor]:
+    q, k, _, mask = _inputs(b, s, seed, left)
+    return [q, k, mask]
+
+
+def _log_weights(causal: bool, fill: float) -> tuple[Any, Any]:
+    """Attention log-weights, ``log_softmax(q @ k^T * scale + mask)``, returned whole: the real
+    block is exact, the pad keys' columns are sliced off."""
+    def f(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = matmul4(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+        return torch.log_softmax(w + eager_mask(mask, causal, fill), dim=-1)
+
+    return f, trace_dims(f, _qk_mask(3, 7, 0, False), LOG_DYN)
+
+
+@PROPERTY
+@given(b=st.integers(1, 4), s=st.integers(2, 9), causal=st.booleans(), left=st.booleans(),
+       fill=st.sampled_from([FINFO_MIN, float("-inf")]), seed=st.integers(0, 10**6),
+       extras=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+def test_log_softmax_over_masked_keys_safe_verdicts_hold(b: int, s: int, causal: bool,
+                                                         left: bool, fill: float, seed: int,
+                                                         extras: tuple[int, int]) -> None:
+    _, gm = _log_weights(causal, fill)
+    plan = analyze_padding(gm, LOG_DYN)
+    assert plan.safe and plan.required_pad_value == 0.0, why(plan)
+    assert {o.source.dim for o in plan.outputs} == {0, 2}
+    assert len(_attends(plan)) == (0 if fill == float("-inf") else 1)
+    inputs = _qk_mask(b, s, seed, left)
+    if _attends(plan) and CallChecks(gm, plan).failure(inputs):
+        return  # a real row fully masked: that call runs exact (the check's test is above)
+    check_plan(gm, plan, inputs, extras, seed=seed)
+
+
+def test_log_softmax_over_unmasked_padded_keys_is_unsafe() -> None:
+    """Without a mask the pad keys enter the normaliser: refused, and padding anyway changes
+    every real row."""
+    def f(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(matmul4(q, k.transpose(2, 3)), dim=-1)
+
+    gen = torch.Generator().manual_seed(9)
+    q, k = rnd(2, 2, 5, 4, gen=gen), rnd(2, 2, 5, 4, gen=gen)
+    dyn = {0: [0, 2], 1: [0, 2]}
+    gm = trace_dims(f, [q, k], dyn)
+    plan = analyze_padding(gm, dyn)
+    assert PadSource(1, 2) in rejected(plan) and "log_softmax" in why(plan), why(plan)
+    (out,) = force_padded(gm, [PadSource(1, 2)], [q, k], 3, zeros=True)
+    assert _differs(out[..., :5], f(q, k))

@@ -14,7 +14,9 @@ dim the softmax normaliser reads the pad; it is still exact when every pad key i
   ``MASKING_BOUND / 2``; a call where one does not runs exact.
 
 The result carries ``fills.ROWS_ZERO`` along the dim, which lets the contraction with the values
-(``rules/contractions.py``) sum over the pad keys. Rule 11 of ``docs/padding.md``.
+(``rules/contractions.py``) sum over the pad keys. ``log_softmax`` takes the same proof for its
+normaliser; its pad entries (a masked key's log-weight) carry no fact. Rule 11 of
+``docs/padding.md``.
 """
 
 from __future__ import annotations
@@ -48,12 +50,34 @@ def _softmax(op: _Op) -> Any:
     key = st.dim(d)
     if key is None:
         return _other_dims(op)
-    value = fills.fill(st, d)
-    if value != fills.NEG_INF:
-        node, dim = _mask_term(op, op.raw("self"), d, rank)
-        op.an.require_check(node, ATTENDS, dim)
+    _masked_normaliser(op, st, d, rank)
     op.an.require_zero(f"softmax over the padded dim {d} with masked pad keys")
     return _Tensor(st.dims, FINITE if st.pad <= FINITE else ANY, fills=((d, fills.ROWS_ZERO),))
+
+
+_other_dims_log = _along_dim("log_softmax", pad=FINITE)
+
+
+def _log_softmax(op: _Op) -> Any:
+    """``x - logsumexp(x)`` along the dim: over a padded dim with masked pad keys the
+    normaliser is the real one, as for softmax, so the real entries are exact. The pad entries
+    are ``-inf`` or hugely negative (a masked key's log-weight), so they carry no fact."""
+    st = op.tensor("self")
+    rank = op.rank("self")
+    d = op.dim_arg("dim", rank)
+    if st.dim(d) is None:
+        return _other_dims_log(op)
+    _masked_normaliser(op, st, d, rank)
+    op.an.require_zero(f"log_softmax over the padded dim {d} with masked pad keys")
+    return _Tensor(st.dims, ANY)
+
+
+def _masked_normaliser(op: _Op, st: _Tensor, d: int, rank: int) -> None:
+    """Every pad key along ``d`` is masked: a ``-inf`` fill, or one ``finfo.min`` mask term
+    beside scaled scores with the per-call ``attends`` check on it (module docstring)."""
+    if fills.fill(st, d) != fills.NEG_INF:
+        node, dim = _mask_term(op, op.raw("self"), d, rank)
+        op.an.require_check(node, ATTENDS, dim)
 
 
 def _mask_term(op: _Op, x: Any, d: int, rank: int) -> tuple[torch.fx.Node, int]:
@@ -124,4 +148,6 @@ def _float(node: torch.fx.Node) -> bool:
 ROWS: tuple[Row, ...] = (
     ("softmax: over a padded dim only with masked pad keys", _Rule(_softmax),
      ("_softmax", "softmax")),
+    ("log_softmax: over a padded dim only with masked pad keys", _Rule(_log_softmax),
+     ("_log_softmax", "log_softmax")),
 )

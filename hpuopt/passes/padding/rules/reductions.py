@@ -112,9 +112,6 @@ ROWS: tuple[Row, ...] = (
     )),
     ("reductions to finite values", _Rule(_reduction("finite")), ("logsumexp",)),
     ("index reductions", _Rule(_reduction("index")), ("argmax", "argmin")),
-    ("log-softmax over another dim", _Rule(_along_dim("log_softmax", pad=FINITE)), (
-        "_log_softmax", "log_softmax",
-    )),
     ("softmax backward", _Rule(_softmax_backward), (
         "_softmax_backward_data", "_log_softmax_backward_data",
     )),
