@@ -117,22 +117,21 @@ def _runs(members: list[tuple[int, torch.Tensor, int, torch.Size, tuple[int, ...
     runs: list[Run] = []
     for (size, stride), placed in alike.items():
         placed.sort(key=lambda p: p[0])
-        run = [placed[0]]
+        run, step = [placed[0]], None
         for item in placed[1:]:
-            step = run[1][0] - run[0][0] if len(run) > 1 else item[0] - run[0][0]
-            if item[0] - run[-1][0] == step:
-                run.append(item)
+            gap = item[0] - run[-1][0]
+            if step is None or gap == step:
+                run, step = [*run, item], gap
                 continue
-            runs.append(_run(run, size, stride))
-            run = [item]
-        runs.append(_run(run, size, stride))
+            runs.append(_run(run, size, stride, step))
+            run, step = [item], None
+        runs.append(_run(run, size, stride, step))
     return runs
 
 
 def _run(run: list[tuple[int, int, torch.Tensor]], size: tuple[int, ...],
-         stride: tuple[int, ...]) -> Run:
-    step = run[1][0] - run[0][0] if len(run) > 1 else 0
-    return [(i, buf) for _, i, buf in run], torch.Size(size), stride, run[0][0], step
+         stride: tuple[int, ...], step: int | None) -> Run:
+    return [(i, buf) for _, i, buf in run], torch.Size(size), stride, run[0][0], step or 0
 
 
 class Lender:

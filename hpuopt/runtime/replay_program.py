@@ -260,9 +260,10 @@ def replay_program(gm: torch.fx.GraphModule, inputs: Sequence[Any]
     chooser = _Chooser(gm)
     try:
         chooser.run(*inputs)
-    except Exception:
-        log.info("the replay program's run raised; the graph replays through its forward",
-                 exc_info=True)
+    except Exception:  # the graph's own forward still answers; the warning shows why
+        # the capture's probe ran this graph on these inputs: a raise here is unexpected
+        log.warning("the replay program's run raised; the graph replays through its forward",
+                    exc_info=True)
         return None
     program = _generate(gm, chooser.chosen)
     bound = sum(1 for n, entry in chooser.chosen.items() if entry is not n.target._op)

@@ -89,10 +89,7 @@ def _masks_pad_keys(op: _Op, name: str, q: _Tensor, k: _Tensor, v: _Tensor) -> b
     boolean = node_value(op.raw(name)).dtype == torch.bool
     value = fills.fill(mask, rank - 1)
     keys = {x for d in (key, k.dim(2), v.dim(2)) if d is not None for x in d.sources}
-    if boolean:
-        masks = value is not None and value == 0
-    else:
-        masks = value == fills.NEG_INF or fills.masking(value)
+    masks = value == 0 if boolean else fills.masking(value)  # False; or -inf, finfo.min...
     if value is None or key is None or not masks:
         if not boolean and value == 0 and op.an.want_mask_fill(op.raw(name)):
             raise _Unsafe(f"attention {name} is an additive mask input: its pad must hold -inf",

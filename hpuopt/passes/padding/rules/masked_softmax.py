@@ -21,6 +21,7 @@ normaliser; its pad entries (a masked key's log-weight) carry no fact. Rule 11 o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ import torch.fx
 
 from hpuopt.fx_utils import node_value, packet_name
 from hpuopt.passes.padding import fills
-from hpuopt.passes.padding.binding import Row, _Op, _Rule
+from hpuopt.passes.padding.binding import Row, RuleFn, _Op, _Rule
 from hpuopt.passes.padding.domain import ANY, FINITE, _Tensor, _Unsafe
 from hpuopt.passes.padding.rules.reductions import _along_dim
 
@@ -40,44 +41,34 @@ _SHAPE_ONLY = _VALUE_KEEPING | {"view", "_unsafe_view", "reshape", "expand", "un
                                 "permute", "transpose"}
 _CONTRACTIONS = frozenset({"bmm", "mm", "baddbmm", "matmul"})
 
-_other_dims = _along_dim("softmax", pad=FINITE)
+def _over_masked_keys(what: str, result: Callable[[_Tensor, int], _Tensor]) -> RuleFn:
+    """The rule of ``what`` (softmax, log_softmax) along ``dim``: along another dim rows are
+    independent; along a padded dim only with every pad key masked, the plan then requiring
+    zero padding; ``result(input state, dim)`` is the output's state then."""
+    other_dims = _along_dim(what, pad=FINITE)
+
+    def rule(op: _Op) -> Any:
+        st = op.tensor("self")
+        rank = op.rank("self")
+        d = op.dim_arg("dim", rank)
+        if st.dim(d) is None:
+            return other_dims(op)
+        if fills.fill(st, d) != fills.NEG_INF:  # one finfo.min term: checked per call
+            node, dim = _mask_term(op, op.raw("self"), d, rank)
+            op.an.require_check(node, ATTENDS, dim)
+        op.an.require_zero(f"{what} over the padded dim {d} with masked pad keys")
+        return result(st, d)
+
+    return rule
 
 
-def _softmax(op: _Op) -> Any:
-    st = op.tensor("self")
-    rank = op.rank("self")
-    d = op.dim_arg("dim", rank)
-    key = st.dim(d)
-    if key is None:
-        return _other_dims(op)
-    _masked_normaliser(op, st, d, rank)
-    op.an.require_zero(f"softmax over the padded dim {d} with masked pad keys")
-    return _Tensor(st.dims, FINITE if st.pad <= FINITE else ANY, fills=((d, fills.ROWS_ZERO),))
+_softmax = _over_masked_keys("softmax", lambda st, d: _Tensor(
+    st.dims, FINITE if st.pad <= FINITE else ANY, fills=((d, fills.ROWS_ZERO),)))
+"""Masked pad keys weigh exactly 0: the result's pad along the dim is zero rows."""
 
-
-_other_dims_log = _along_dim("log_softmax", pad=FINITE)
-
-
-def _log_softmax(op: _Op) -> Any:
-    """``x - logsumexp(x)`` along the dim: over a padded dim with masked pad keys the
-    normaliser is the real one, as for softmax, so the real entries are exact. The pad entries
-    are ``-inf`` or hugely negative (a masked key's log-weight), so they carry no fact."""
-    st = op.tensor("self")
-    rank = op.rank("self")
-    d = op.dim_arg("dim", rank)
-    if st.dim(d) is None:
-        return _other_dims_log(op)
-    _masked_normaliser(op, st, d, rank)
-    op.an.require_zero(f"log_softmax over the padded dim {d} with masked pad keys")
-    return _Tensor(st.dims, ANY)
-
-
-def _masked_normaliser(op: _Op, st: _Tensor, d: int, rank: int) -> None:
-    """Every pad key along ``d`` is masked: a ``-inf`` fill, or one ``finfo.min`` mask term
-    beside scaled scores with the per-call ``attends`` check on it (module docstring)."""
-    if fills.fill(st, d) != fills.NEG_INF:
-        node, dim = _mask_term(op, op.raw("self"), d, rank)
-        op.an.require_check(node, ATTENDS, dim)
+_log_softmax = _over_masked_keys("log_softmax", lambda st, d: _Tensor(st.dims, ANY))
+"""``x - logsumexp(x)``: the normaliser is the real one, so the real entries are exact; the pad
+entries are a masked key's log-weight (``-inf`` or hugely negative) and carry no fact."""
 
 
 def _mask_term(op: _Op, x: Any, d: int, rank: int) -> tuple[torch.fx.Node, int]:
